@@ -1,0 +1,2 @@
+"""detection-trainer."""
+__version__ = "0.1.0"

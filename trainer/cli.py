@@ -1,0 +1,127 @@
+"""The ``trainer`` command: thin sub-commands that parse arguments and call the library.
+
+Errors a user can act on (a missing bucket, bad credentials, ...) end as one ``trainer: error:`` line and
+exit status 1, never a traceback; usage errors exit 2, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from trainer import __version__, storage
+from trainer.logs import LEVELS, setup_logging
+
+log = logging.getLogger("trainer.cli")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_ls(args: argparse.Namespace) -> int:
+    count = total = 0
+    for info in storage.list_objects(args.uri, recursive=args.recursive):
+        if args.json:
+            print(json.dumps({"uri": info.uri, "size": info.size, "is_dir": info.is_dir,
+                              "mtime": info.mtime.isoformat() if info.mtime else None}))
+        elif info.is_dir:
+            print(f"{'':19} {'DIR':>10}  {info.uri}")
+        else:
+            when = info.mtime.strftime("%Y-%m-%d %H:%M:%S") if info.mtime else "-"
+            print(f"{when:19} {info.size:>10}  {info.uri}")
+        count += not info.is_dir
+        total += info.size
+    if count == 0 and not storage.is_dir(args.uri):
+        raise storage.NotFound(args.uri, "no such object, file or directory")
+    if args.summary:
+        print(f"{count} objects, {_human(total)}")
+    return EXIT_OK
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    src, dst = args.src, args.dst
+    if args.recursive:
+        plan = storage.plan_tree_copy(src, dst)
+        if not plan:
+            raise storage.NotFound(src, "nothing to copy (no objects below this prefix or directory)")
+        log.info("copying %d objects (%s) from %s to %s", len(plan), _human(sum(p[2] for p in plan)), src, dst)
+        summary = storage.copy_many(plan, workers=args.workers)
+    else:
+        if storage.is_dir(src) and not storage.exists(src):
+            raise storage.StorageError(src, "is a directory or prefix; use --recursive to copy what it holds")
+        if dst.endswith(("/", os.sep)) or storage.is_dir(dst) and not storage.is_s3(dst):
+            dst = storage.join(dst, storage.basename(src))
+        summary = storage.copy_many([(src, dst)], workers=1)
+    log.info("copied %d objects, %s in %.2f s (%.1f MB/s) to %s",
+             summary.objects, _human(summary.bytes), summary.seconds, summary.mb_per_s, dst)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------- parsing
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LEVELS, type=str.upper, default=argparse.SUPPRESS,
+                        help="verbosity of the log lines on stderr (default INFO, or $TRAINER_LOG_LEVEL)")
+    parser = argparse.ArgumentParser(
+        prog="trainer", parents=[common],
+        description="Train torchvision object detectors on data in S3, locally or on Kubernetes.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ls = sub.add_parser("ls", parents=[common], help="list objects under an s3:// URI or local directory")
+    ls.add_argument("uri", help="s3://bucket/prefix or a local path")
+    ls.add_argument("-r", "--recursive", action="store_true", help="list every object below, not one level")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line instead of columns")
+    ls.add_argument("--summary", action="store_true", help="print the object count and total size at the end")
+    ls.set_defaults(func=cmd_ls)
+
+    cp = sub.add_parser("cp", parents=[common], help="copy files/objects between local paths and s3:// URIs")
+    cp.add_argument("src", help="source file, object, or (with --recursive) directory/prefix")
+    cp.add_argument("dst", help="destination; a trailing '/' or an existing directory keeps the source name")
+    cp.add_argument("-r", "--recursive", action="store_true", help="copy everything below SRC, in parallel")
+    cp.add_argument("--workers", type=int, default=storage.DEFAULT_WORKERS,
+                    help=f"parallel transfers (default {storage.DEFAULT_WORKERS})")
+    cp.set_defaults(func=cmd_cp)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None) or os.environ.get("TRAINER_LOG_LEVEL", "INFO")
+    try:
+        setup_logging(level)
+    except ValueError as exc:
+        parser.error(f"TRAINER_LOG_LEVEL: {exc}")
+    if getattr(args, "workers", 1) < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        return int(args.func(args))
+    except storage.StorageError as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("trainer: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `trainer ls ... | head`
+        sys.stderr.close()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

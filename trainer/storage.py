@@ -1,0 +1,786 @@
+"""One place for I/O on URIs: local paths and ``s3://bucket/key``.
+
+Data, checkpoints and run outputs all go through these functions so that atomicity, retries and error messages
+are the same everywhere. S3 settings come from the standard AWS chain (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
+``AWS_PROFILE``, web-identity tokens, ...), so MinIO, Ceph or AWS work unchanged. No torch imports here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import logging
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, TypeVar
+
+import boto3
+import botocore.exceptions as bex
+import urllib3.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Objects up to this size move with one request; larger ones use multipart transfers.
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+MULTIPART_CHUNK = 16 * 1024 * 1024
+DEFAULT_WORKERS = 32
+# Body reads cut mid-stream (connection reset, truncated response) are retried this many times.
+STREAM_ATTEMPTS = 6
+_TMP_MARKER = ".trainer-tmp-"
+
+
+# --------------------------------------------------------------------------------------------- errors
+class StorageError(Exception):
+    """A storage operation failed for a reason a user can act on; the message names the URI and the cause."""
+
+    def __init__(self, uri: str, cause: str) -> None:
+        super().__init__(f"{uri}: {cause}")
+        self.uri = uri
+        self.cause = cause
+
+
+class NotFound(StorageError):
+    """The object, file or bucket does not exist."""
+
+
+class BucketNotFound(NotFound):
+    """The bucket itself does not exist: a configuration error, never an "empty" answer."""
+
+
+class AccessDenied(StorageError):
+    """The credentials are valid but not allowed to do this."""
+
+
+class CredentialsError(StorageError):
+    """No credentials, or credentials the endpoint does not accept."""
+
+
+class EndpointUnreachable(StorageError):
+    """The S3 endpoint could not be reached (after retries)."""
+
+
+# ------------------------------------------------------------------------------------------------ URIs
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def is_s3(uri: str | os.PathLike[str]) -> bool:
+    return str(uri)[:5].lower() == "s3://"
+
+
+def parse(uri: str | os.PathLike[str]) -> S3Location | Path:
+    """Split a URI into an S3 location or a local path; anything else is a clear error."""
+    text = os.fspath(uri)
+    if is_s3(text):
+        bucket, _, key = text[5:].partition("/")
+        if not bucket or any(c.isspace() for c in bucket) or bucket in (".", ".."):
+            raise StorageError(text, "not a valid S3 URI (expected s3://bucket/key)")
+        return S3Location(bucket, key)
+    if text.startswith("file://"):
+        return Path(text[7:])
+    if "://" in text:
+        raise StorageError(text, "unsupported URI scheme (use s3://bucket/key or a local path)")
+    if not text:
+        raise StorageError(text, "empty path")
+    return Path(text)
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """Join path parts onto a local path or S3 URI with '/' semantics."""
+    text = os.fspath(base)
+    if is_s3(text):
+        out = text
+        for part in parts:
+            out = out.rstrip("/") + "/" + part.lstrip("/") if out[5:].rstrip("/") else "s3://" + part
+        return out
+    return os.path.join(text, *parts)
+
+
+def basename(uri: str | os.PathLike[str]) -> str:
+    loc = parse(uri)
+    return PurePosixPath(loc.key).name if isinstance(loc, S3Location) else loc.name
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object (or, for non-recursive listings, a sub-directory with ``is_dir``)."""
+
+    uri: str
+    size: int
+    mtime: datetime | None = None
+    etag: str | None = None
+    is_dir: bool = False
+
+
+# --------------------------------------------------------------------------------------------- clients
+_client_lock = threading.Lock()
+_clients: dict[tuple[Any, ...], Any] = {}
+
+# Environment variables that change which endpoint, credentials or retry policy a client uses.
+_CLIENT_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_ARN",
+)
+
+
+def s3_client() -> Any:
+    """A thread-safe S3 client for this process and the current AWS settings.
+
+    Clients are cached per process id (a forked DataLoader worker must not share its parent's sockets) and per
+    AWS environment (a test or a command that switches endpoint gets a fresh client).
+    """
+    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_ENV))
+    client = _clients.get(key)
+    if client is not None:
+        return client
+    with _client_lock:  # boto3 sessions are not thread-safe; clients are.
+        client = _clients.get(key)
+        if client is None:
+            config = Config(
+                retries={
+                    "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                    "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8")),
+                },
+                max_pool_connections=DEFAULT_WORKERS * 2,
+                connect_timeout=10,
+                read_timeout=60,
+                tcp_keepalive=True,
+            )
+            try:
+                client = boto3.session.Session().client("s3", config=config)
+            except (bex.BotoCoreError, ValueError) as exc:
+                raise StorageError("s3://", f"cannot configure the S3 client: {exc}") from exc
+            _clients[key] = client
+    return client
+
+
+def _transfer_config() -> TransferConfig:
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNK,
+        max_concurrency=16,
+        use_threads=True,
+    )
+
+
+# ------------------------------------------------------------------------------------- error mapping
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    bex.ResponseStreamingError,
+    bex.IncompleteReadError,
+    bex.ReadTimeoutError,
+    bex.ConnectionClosedError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.ReadTimeoutError,
+    http.client.IncompleteRead,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def _endpoint() -> str:
+    try:
+        return str(s3_client().meta.endpoint_url)
+    except StorageError:
+        return "the S3 endpoint"
+
+
+def _bucket_exists(bucket: str) -> bool | None:
+    """True/False when the endpoint says so, None when it will not tell (e.g. no permission)."""
+    try:
+        s3_client().head_bucket(Bucket=bucket)
+        return True
+    except bex.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return False if code in ("404", "NoSuchBucket", "NotFound") else None
+    except bex.BotoCoreError:
+        return None
+
+
+def _explain(uri: str, exc: BaseException, *, is_read: bool = True) -> StorageError:
+    """Turn a boto/OS exception into one StorageError whose message a user can act on."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        loc = parse(uri)
+        bucket = loc.bucket if isinstance(loc, S3Location) else ""
+        if code == "NoSuchBucket" or (status == 404 and bucket and _bucket_exists(bucket) is False):
+            return BucketNotFound(uri, f"bucket '{bucket}' does not exist at {_endpoint()}")
+        if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+            return NotFound(uri, "no such object" if is_read else "not found")
+        if code in ("InvalidAccessKeyId", "InvalidToken", "InvalidClientTokenId"):
+            return CredentialsError(uri, f"the access key is not recognised by {_endpoint()} ({code})")
+        if code in ("SignatureDoesNotMatch", "AuthorizationHeaderMalformed"):
+            return CredentialsError(uri, f"the credentials were rejected: wrong secret key or region ({code})")
+        if code in ("ExpiredToken", "TokenRefreshRequired", "RequestExpired"):
+            return CredentialsError(uri, f"the credentials have expired ({code})")
+        if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
+            return AccessDenied(uri, "access denied: the credentials lack permission for this bucket or key")
+        message = err.get("Message") or exc
+        return StorageError(uri, f"S3 error {code or status}: {message}")
+    if isinstance(exc, bex.NoCredentialsError | bex.PartialCredentialsError):
+        return CredentialsError(
+            uri,
+            "no usable AWS credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "or give the pod a service-account role",
+        )
+    if isinstance(exc, bex.EndpointConnectionError | bex.ConnectTimeoutError):
+        return EndpointUnreachable(uri, f"cannot reach the S3 endpoint {_endpoint()} ({type(exc).__name__})")
+    if isinstance(exc, bex.ParamValidationError):
+        return StorageError(uri, f"invalid request: {exc}")
+    if isinstance(exc, FileNotFoundError):
+        return NotFound(uri, "no such file or directory")
+    if isinstance(exc, IsADirectoryError):
+        return StorageError(uri, "is a directory")
+    if isinstance(exc, NotADirectoryError):
+        return StorageError(uri, "a parent of this path is a file, not a directory")
+    if isinstance(exc, PermissionError):
+        return AccessDenied(uri, "permission denied")
+    if isinstance(exc, _STREAM_ERRORS):
+        return StorageError(uri, f"the transfer kept failing after retries ({type(exc).__name__}: {exc})")
+    if isinstance(exc, bex.BotoCoreError | OSError):
+        return StorageError(uri, f"{type(exc).__name__}: {exc}")
+    raise exc
+
+
+def _retry_stream(uri: str, attempt: Callable[[], T]) -> T:
+    """Retry an operation whose response body can be cut mid-stream (botocore retries only up to the headers)."""
+    for n in range(STREAM_ATTEMPTS):
+        try:
+            return attempt()
+        except _STREAM_ERRORS as exc:
+            if n == STREAM_ATTEMPTS - 1:
+                raise _explain(uri, exc) from exc
+            delay = random.uniform(0, min(5.0, 0.1 * 2**n))
+            log.debug("%s: transfer interrupted (%s), retrying in %.2fs", uri, type(exc).__name__, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _errors(uri: str, *, is_read: bool = True) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (bex.BotoCoreError, bex.ClientError, OSError) as exc:
+        raise _explain(uri, exc, is_read=is_read) from exc
+
+
+# ---------------------------------------------------------------------------------------------- reads
+class _S3RangeReader(io.RawIOBase):
+    """A seekable, read-only view of one S3 object that resumes with a Range GET when the body is cut.
+
+    Every request after the first carries ``If-Match`` with the first response's ETag, so a resumed read can
+    never stitch together two versions of an object that was overwritten meanwhile.
+    """
+
+    def __init__(self, loc: S3Location) -> None:
+        super().__init__()
+        self._loc = loc
+        self._uri = str(loc)
+        self._pos = 0
+        self._body: Any = None
+        self._etag: str | None = None
+        self.size = -1
+        with _errors(self._uri):
+            head = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+        self.size = int(head["ContentLength"])
+        self._etag = head.get("ETag")
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        new = max(0, base + offset)
+        if new != self._pos:
+            self._drop_body()
+            self._pos = new
+        return self._pos
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            self._body = None
+
+    def _open_body(self) -> None:
+        args: dict[str, Any] = {"Bucket": self._loc.bucket, "Key": self._loc.key, "Range": f"bytes={self._pos}-"}
+        if self._etag:
+            args["IfMatch"] = self._etag
+        with _errors(self._uri):
+            try:
+                self._body = s3_client().get_object(**args)["Body"]
+            except bex.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                    raise StorageError(self._uri, "the object changed while it was being read") from exc
+                raise
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self.size - self._pos)
+        if want <= 0:
+            return 0
+
+        def attempt() -> int:
+            if self._body is None:
+                self._open_body()
+            try:
+                chunk = self._body.read(want)
+            except BaseException:
+                self._drop_body()
+                raise
+            if not chunk:
+                self._drop_body()
+                raise http.client.IncompleteRead(b"", want)
+            return _copy_into(buffer, chunk)
+
+        got = _retry_stream(self._uri, attempt)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+
+def _copy_into(buffer: Any, chunk: bytes) -> int:
+    view = memoryview(buffer).cast("B")
+    view[: len(chunk)] = chunk
+    return len(chunk)
+
+
+def open_read(uri: str | os.PathLike[str], buffer_size: int = 1 << 20) -> IO[bytes]:
+    """A seekable binary stream over a file or object; S3 reads resume transparently after a cut connection."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, S3Location):
+        return io.BufferedReader(_S3RangeReader(loc), buffer_size=buffer_size)
+    with _errors(text):
+        return open(loc, "rb")  # noqa: SIM115 - the caller owns the stream
+
+
+def read_bytes(uri: str | os.PathLike[str]) -> bytes:
+    """The whole content of a file or object."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        with _errors(text):
+            return loc.read_bytes()
+    parts: list[bytes] = []
+    received = 0
+    etag: str | None = None
+    total: int | None = None
+
+    def attempt() -> None:
+        nonlocal received, etag, total
+        args: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
+        if received:
+            args["Range"] = f"bytes={received}-"
+        if etag:
+            args["IfMatch"] = etag
+        try:
+            response = s3_client().get_object(**args)
+        except bex.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+                raise StorageError(text, "the object changed while it was being read") from exc
+            raise
+        etag = etag or response.get("ETag")
+        if total is None:
+            total = int(response["ContentLength"])
+        body = response["Body"]
+        try:
+            while chunk := body.read(1 << 20):
+                parts.append(chunk)
+                received += len(chunk)
+        finally:
+            body.close()
+        if received < total:
+            raise http.client.IncompleteRead(b"", total - received)
+
+    with _errors(text):
+        _retry_stream(text, attempt)
+    return b"".join(parts)
+
+
+def read_text(uri: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+    text = os.fspath(uri)
+    data = read_bytes(text)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise StorageError(text, f"not valid {encoding} text (byte {exc.start})") from exc
+
+
+def stat(uri: str | os.PathLike[str]) -> ObjectInfo:
+    text = os.fspath(uri)
+    loc = parse(text)
+    with _errors(text):
+        if isinstance(loc, S3Location):
+            head = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+            return ObjectInfo(text, int(head["ContentLength"]), head.get("LastModified"), head.get("ETag"))
+        st = loc.stat()
+        if loc.is_dir():
+            return ObjectInfo(text, 0, _local_time(st.st_mtime), is_dir=True)
+        return ObjectInfo(text, st.st_size, _local_time(st.st_mtime))
+
+
+def exists(uri: str | os.PathLike[str]) -> bool:
+    """Whether a file or object exists. A missing bucket is an error, not False: it means a wrong config."""
+    try:
+        stat(uri)
+        return True
+    except BucketNotFound:
+        raise
+    except NotFound:
+        return False
+
+
+def is_dir(uri: str | os.PathLike[str]) -> bool:
+    """Local: an existing directory. S3: a URI ending with '/' or a key that has objects below it."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        return loc.is_dir()
+    if not loc.key or loc.key.endswith("/"):
+        return True
+    with _errors(text):
+        page = s3_client().list_objects_v2(Bucket=loc.bucket, Prefix=loc.key + "/", MaxKeys=1)
+    return bool(page.get("KeyCount"))
+
+
+def _local_time(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, tz=timezone.utc)
+
+
+# ---------------------------------------------------------------------------------------------- lists
+def list_objects(uri: str | os.PathLike[str], recursive: bool = True) -> Iterator[ObjectInfo]:
+    """Objects under a directory or prefix, in key order, following every page.
+
+    ``s3://b/runs`` lists the keys below ``runs/``; if the URI names one object, that object alone is listed.
+    Non-recursive listings also yield sub-directories (``is_dir=True``), like ``ls``.
+    """
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        yield from _list_local(text, loc, recursive)
+        return
+    prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
+    found = False
+    with _errors(text):
+        paginator = s3_client().get_paginator("list_objects_v2")
+        args: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
+        if not recursive:
+            args["Delimiter"] = "/"
+        for page in paginator.paginate(**args):
+            for common in page.get("CommonPrefixes", []):
+                found = True
+                yield ObjectInfo(f"s3://{loc.bucket}/{common['Prefix']}", 0, is_dir=True)
+            for obj in page.get("Contents", []):
+                found = True
+                yield ObjectInfo(
+                    f"s3://{loc.bucket}/{obj['Key']}", int(obj["Size"]), obj.get("LastModified"), obj.get("ETag")
+                )
+    if not found and loc.key and not loc.key.endswith("/"):
+        with contextlib.suppress(NotFound):
+            yield stat(text)
+
+
+def _list_local(text: str, root: Path, recursive: bool) -> Iterator[ObjectInfo]:
+    with _errors(text):
+        if root.is_file():
+            yield stat(root)
+            return
+        if not root.exists():
+            raise FileNotFoundError(text)
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    for entry in entries:
+        if _TMP_MARKER in entry.name:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                yield from _list_local(entry.path, Path(entry.path), recursive)
+            else:
+                yield ObjectInfo(entry.path + os.sep, 0, is_dir=True)
+        elif entry.is_file():
+            st = entry.stat()
+            yield ObjectInfo(entry.path, st.st_size, _local_time(st.st_mtime))
+
+
+# --------------------------------------------------------------------------------------------- writes
+@contextlib.contextmanager
+def _local_atomic(path: Path, uri: str) -> Iterator[IO[bytes]]:
+    """A temp file beside ``path`` that replaces it only when the block ends without an exception."""
+    with _errors(uri, is_read=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}{_TMP_MARKER}")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _explain(uri, exc, is_read=False) from exc
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
+    """Replace a file or object atomically: readers see the old content or the new, never a mix."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        with _local_atomic(loc, text) as handle:
+            handle.write(data)
+        return
+    if len(data) <= MULTIPART_THRESHOLD:
+        with _errors(text, is_read=False):
+            s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        return
+    with _errors(text, is_read=False):
+        s3_client().upload_fileobj(io.BytesIO(data), loc.bucket, loc.key, Config=_transfer_config())
+
+
+def write_text(uri: str | os.PathLike[str], text_data: str, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text_data.encode(encoding))
+
+
+@contextlib.contextmanager
+def open_write(uri: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """A binary stream that becomes the file or object only if the block ends without an exception.
+
+    S3 writes are spooled to a local temp file (memory up to the multipart threshold) and uploaded on exit.
+    """
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        with _local_atomic(loc, text) as handle:
+            yield handle
+        return
+    with tempfile.SpooledTemporaryFile(max_size=MULTIPART_THRESHOLD) as spool:
+        yield spool  # type: ignore[misc]
+        size = spool.tell()
+        spool.seek(0)
+        with _errors(text, is_read=False):
+            if size <= MULTIPART_THRESHOLD:
+                s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=spool.read())
+            else:
+                s3_client().upload_fileobj(spool, loc.bucket, loc.key, Config=_transfer_config())
+
+
+def delete(uri: str | os.PathLike[str]) -> None:
+    """Remove a file or object; removing what is already gone is not an error."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    with _errors(text, is_read=False):
+        if isinstance(loc, S3Location):
+            s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
+        else:
+            loc.unlink(missing_ok=True)
+
+
+def delete_prefix(uri: str | os.PathLike[str]) -> int:
+    """Remove everything under a directory or prefix; returns how many objects were removed."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        count = sum(1 for _ in _list_local(text, loc, True)) if loc.exists() else 0
+        with _errors(text, is_read=False):
+            if loc.is_dir():
+                shutil.rmtree(loc)
+            elif loc.exists():
+                loc.unlink()
+        return count
+    keys = [parse(info.uri).key for info in list_objects(text) if not info.is_dir]  # type: ignore[union-attr]
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": k} for k in keys[start : start + 1000]]
+        with _errors(text, is_read=False):
+            response = s3_client().delete_objects(Bucket=loc.bucket, Delete={"Objects": batch, "Quiet": True})
+        if errors := response.get("Errors"):
+            first = errors[0]
+            raise StorageError(
+                f"s3://{loc.bucket}/{first.get('Key')}",
+                f"delete failed for {len(errors)} objects: {first.get('Code')} {first.get('Message')}",
+            )
+    return len(keys)
+
+
+# -------------------------------------------------------------------------------------------- copying
+def upload_file(path: str | os.PathLike[str], uri: str | os.PathLike[str], size: int | None = None) -> int:
+    """Upload a local file (multipart above the threshold; an object appears only when complete)."""
+    return copy(path, uri, size=size)
+
+
+def download_file(uri: str | os.PathLike[str], path: str | os.PathLike[str], size: int | None = None) -> int:
+    """Download an object to a local file, atomically."""
+    return copy(uri, path, size=size)
+
+
+def copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], size: int | None = None) -> int:
+    """Copy one file or object to another place (local↔S3, S3↔S3, local↔local); returns the bytes copied.
+
+    ``size``, when the caller already knows it from a listing, saves a HEAD request for small objects.
+    """
+    src_text, dst_text = os.fspath(src), os.fspath(dst)
+    src_loc, dst_loc = parse(src_text), parse(dst_text)
+    if isinstance(src_loc, Path):
+        with _errors(src_text):
+            size = src_loc.stat().st_size
+            if src_loc.is_dir():
+                raise IsADirectoryError(src_text)
+        if isinstance(dst_loc, Path):
+            with _errors(src_text), src_loc.open("rb") as reader, _local_atomic(dst_loc, dst_text) as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+        elif size <= MULTIPART_THRESHOLD:
+            with _errors(src_text):
+                data = src_loc.read_bytes()
+            with _errors(dst_text, is_read=False):
+                s3_client().put_object(Bucket=dst_loc.bucket, Key=dst_loc.key, Body=data)
+        else:
+            with _errors(dst_text, is_read=False):
+                s3_client().upload_file(str(src_loc), dst_loc.bucket, dst_loc.key, Config=_transfer_config())
+        return size
+    if size is None:
+        size = stat(src_text).size
+    if isinstance(dst_loc, Path):
+        if size <= MULTIPART_THRESHOLD:
+            data = read_bytes(src_text)
+            with _local_atomic(dst_loc, dst_text) as writer:
+                writer.write(data)
+        else:
+            with _errors(dst_text, is_read=False):
+                dst_loc.parent.mkdir(parents=True, exist_ok=True)
+            with _errors(src_text):  # s3transfer writes a temp file, retries cut bodies, then renames
+                s3_client().download_file(src_loc.bucket, src_loc.key, str(dst_loc), Config=_transfer_config())
+        return size
+    with _errors(src_text):
+        source = {"Bucket": src_loc.bucket, "Key": src_loc.key}
+        if size <= MULTIPART_THRESHOLD:
+            s3_client().copy_object(CopySource=source, Bucket=dst_loc.bucket, Key=dst_loc.key)
+        else:
+            s3_client().copy(source, dst_loc.bucket, dst_loc.key, Config=_transfer_config())
+    return size
+
+
+@dataclass
+class TransferSummary:
+    objects: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def copy_many(
+    pairs: Iterable[tuple[str, str] | tuple[str, str, int | None]],
+    workers: int = DEFAULT_WORKERS,
+    on_done: Callable[[str, int], None] | None = None,
+) -> TransferSummary:
+    """Copy many (src, dst[, size]) pairs concurrently over one shared client.
+
+    The first failure stops new copies and is raised (copies already finished stay in place).
+    """
+    jobs = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in pairs]  # type: ignore[misc]
+    summary = TransferSummary()
+    start = time.perf_counter()
+    if not jobs:
+        return summary
+    failure: tuple[str, BaseException] | None = None
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(jobs))), thread_name_prefix="storage") as pool:
+        futures: dict[Future[int], str] = {pool.submit(copy, src, dst, size): dst for src, dst, size in jobs}
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            exc = future.exception()
+            if exc is not None:
+                if failure is None:
+                    failure = (futures[future], exc)
+                    for other in futures:
+                        other.cancel()
+                continue
+            summary.objects += 1
+            summary.bytes += future.result()
+            if on_done:
+                on_done(futures[future], future.result())
+    summary.seconds = time.perf_counter() - start
+    if failure is not None:
+        error = _explain(*failure)
+        raise type(error)(error.uri, f"{error.cause} ({summary.objects} of {len(jobs)} copies finished)") from failure[1]
+    return summary
+
+
+def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], workers: int = DEFAULT_WORKERS,
+              on_done: Callable[[str, int], None] | None = None) -> TransferSummary:
+    """Copy every object under ``src`` to the same relative place under ``dst`` (any mix of local and S3)."""
+    src_text, dst_text = os.fspath(src), os.fspath(dst)
+    return copy_many(plan_tree_copy(src_text, dst_text), workers=workers, on_done=on_done)
+
+
+def plan_tree_copy(src: str, dst: str) -> list[tuple[str, str, int]]:
+    """(src, dst, size) for each object under ``src``; refuses keys that would escape a local ``dst``."""
+    src_loc = parse(src)
+    if isinstance(src_loc, S3Location):
+        root = src_loc.key if not src_loc.key or src_loc.key.endswith("/") else src_loc.key + "/"
+    else:
+        root = str(src_loc)
+    dst_is_local = isinstance(parse(dst), Path)
+    plan = []
+    for info in list_objects(src, recursive=True):
+        if isinstance(src_loc, S3Location):
+            key = parse(info.uri).key  # type: ignore[union-attr]
+            if key.endswith("/"):
+                continue  # a zero-byte "folder" marker made by S3 consoles
+            if not key.startswith(root):  # the URI named one object, not a prefix
+                relative = PurePosixPath(key).name
+            else:
+                relative = key[len(root) :]
+        else:
+            relative = Path(info.uri).relative_to(root).as_posix() if Path(info.uri) != src_loc else src_loc.name
+        parts = PurePosixPath(relative).parts
+        if dst_is_local and (not parts or ".." in parts or relative.startswith("/") or "\x00" in relative):
+            raise StorageError(info.uri, "refusing to copy a key that would leave the destination directory")
+        plan.append((info.uri, join(dst, relative), info.size))
+    return plan

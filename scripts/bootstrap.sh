@@ -28,7 +28,11 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.lock-hash" 2>/dev/null)" != "
 fi
 if [ "$(cat "$VENV/.install-hash" 2>/dev/null)" != "$install_hash" ]; then
   echo "bootstrap: installing detection-trainer[test] into $VENV (a few minutes the first time)" >&2
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    --constraint constraints.txt --editable '.[test]'
+  if ! "$VENV/bin/python" -m pip install --disable-pip-version-check \
+      --constraint constraints.txt --editable '.[test]' > "$VENV/pip-install.log" 2>&1; then
+    tail -n 40 "$VENV/pip-install.log" >&2
+    echo "bootstrap: pip install failed; full log in $VENV/pip-install.log" >&2
+    exit 1
+  fi
   echo "$install_hash" > "$VENV/.install-hash"
 fi

@@ -204,14 +204,13 @@ def _endpoint() -> str:
         return "the S3 endpoint"
 
 
-def _bucket_exists(bucket: str) -> bool | None:
-    """True/False when the endpoint says so, None when it will not tell (e.g. no permission)."""
+def _probe_error_code(bucket: str) -> str | None:
+    """HEAD responses carry no error body; a one-key listing of the bucket tells the real cause."""
     try:
-        s3_client().head_bucket(Bucket=bucket)
-        return True
+        s3_client().list_objects_v2(Bucket=bucket, MaxKeys=1)
+        return None
     except bex.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        return False if code in ("404", "NoSuchBucket", "NotFound") else None
+        return str(exc.response.get("Error", {}).get("Code", "")) or None
     except bex.BotoCoreError:
         return None
 
@@ -226,7 +225,9 @@ def _explain(uri: str, exc: BaseException, *, is_read: bool = True) -> StorageEr
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         loc = parse(uri)
         bucket = loc.bucket if isinstance(loc, S3Location) else ""
-        if code == "NoSuchBucket" or (status == 404 and bucket and _bucket_exists(bucket) is False):
+        if bucket and code.isdigit():
+            code = _probe_error_code(bucket) or code
+        if code == "NoSuchBucket":
             return BucketNotFound(uri, f"bucket '{bucket}' does not exist at {_endpoint()}")
         if code in ("NoSuchKey", "404", "NotFound") or status == 404:
             return NotFound(uri, "no such object" if is_read else "not found")
@@ -254,7 +255,7 @@ def _explain(uri: str, exc: BaseException, *, is_read: bool = True) -> StorageEr
         return NotFound(uri, "no such file or directory")
     if isinstance(exc, IsADirectoryError):
         return StorageError(uri, "is a directory")
-    if isinstance(exc, NotADirectoryError):
+    if isinstance(exc, NotADirectoryError | FileExistsError):  # mkdir meets a file where a directory must be
         return StorageError(uri, "a parent of this path is a file, not a directory")
     if isinstance(exc, PermissionError):
         return AccessDenied(uri, "permission denied")

@@ -1,0 +1,82 @@
+"""Shared fixtures: a real S3-compatible server (moto) on loopback, fresh buckets, and the fault proxy.
+
+Before anything runs, the AWS environment is pinned to loopback: no profile, no shared config, no instance
+metadata look-ups, and a default endpoint on a closed local port, so a test that forgets a fixture fails
+locally instead of sending anything off this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from tests.support.fault_proxy import FaultPlan, FaultProxy
+from trainer.local_s3 import LocalS3Server, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+BCCD = REPO / "examples" / "data" / "bccd"
+
+
+def _pin_aws_env_to_loopback() -> None:
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            del os.environ[name]
+    os.environ.update({
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # closed: nothing listens there
+        "AWS_REGION": "us-east-1",
+    })
+
+
+_pin_aws_env_to_loopback()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[LocalS3Server]:
+    with LocalS3Server("127.0.0.1") as server:
+        yield server
+
+
+@dataclass
+class S3Env:
+    server: LocalS3Server
+    bucket: str
+    client: Any
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+def _new_bucket(client: Any) -> str:
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3(s3_server: LocalS3Server, monkeypatch: pytest.MonkeyPatch) -> S3Env:
+    """AWS variables pointing at the local server, and a fresh empty bucket."""
+    for name, value in s3_server.client_env().items():
+        monkeypatch.setenv(name, value)
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint_url)
+    return S3Env(s3_server, _new_bucket(client), client)
+
+
+@pytest.fixture
+def fault_proxy(s3: S3Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the S3 server; the storage layer's endpoint points at it.
+
+    The plan starts clean; each test sets ``fault_proxy.plan`` to the faults it wants.
+    """
+    with FaultProxy(s3.server.host, s3.server.port or 0, FaultPlan()) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        yield proxy

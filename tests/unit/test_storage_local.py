@@ -1,0 +1,89 @@
+"""The storage layer on local paths: same contract as S3 (atomic replace, listings, clear errors)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from trainer import storage
+
+
+def test_write_read_stat_exists_delete(tmp_path: Path) -> None:
+    target = tmp_path / "deep" / "er" / "file.txt"
+    storage.write_text(target, "héllo")  # parents are created
+    assert storage.read_text(target) == "héllo"
+    assert storage.stat(target).size == len("héllo".encode())
+    assert storage.exists(target) and not storage.exists(tmp_path / "nope")
+    storage.delete(target)
+    storage.delete(target)
+    assert not target.exists()
+
+
+def test_file_uri_scheme_is_a_local_path(tmp_path: Path) -> None:
+    storage.write_bytes(f"file://{tmp_path}/x.bin", b"1")
+    assert (tmp_path / "x.bin").read_bytes() == b"1"
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    target = tmp_path / "ckpt.bin"
+    target.write_bytes(b"previous")
+    with pytest.raises(ValueError):
+        with storage.open_write(target) as stream:
+            stream.write(b"half of the new cont")
+            raise ValueError("killed mid-write")
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.bin"]
+
+
+def test_concurrent_writers_never_mix_contents(tmp_path: Path) -> None:
+    target = tmp_path / "shared.bin"
+    payloads = [bytes([i]) * 3_000_000 for i in range(8)]
+    threads = [threading.Thread(target=storage.write_bytes, args=(target, p)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.bin"]
+
+
+def test_listing_is_sorted_recursive_or_one_level_and_hides_temp_files(tmp_path: Path) -> None:
+    for rel in ("b/2.txt", "a.txt", "b/1.txt", "b/c/3.txt"):
+        storage.write_bytes(tmp_path / rel, b"x")
+    (tmp_path / f".a.txt{storage._TMP_MARKER}abc").write_bytes(b"partial")
+    recursive = [Path(i.uri).relative_to(tmp_path).as_posix() for i in storage.list_objects(tmp_path)]
+    assert recursive == ["a.txt", "b/1.txt", "b/2.txt", "b/c/3.txt"]
+    level = [(Path(i.uri).name, i.is_dir) for i in storage.list_objects(tmp_path, recursive=False)]
+    assert level == [("a.txt", False), ("b", True)]
+    assert storage.delete_prefix(tmp_path / "b") == 3 and not (tmp_path / "b").exists()
+
+
+def test_local_errors_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(storage.NotFound, match="no such file") as info:
+        storage.read_bytes(tmp_path / "missing.txt")
+    assert str(tmp_path / "missing.txt") in str(info.value)
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(storage.StorageError, match="is a file, not a directory"):
+        storage.write_bytes(tmp_path / "afile" / "child.txt", b"x")
+    with pytest.raises(storage.NotFound):
+        list(storage.list_objects(tmp_path / "nodir"))
+
+
+def test_copy_tree_local_to_local_with_unicode_names(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for name in ("图像 1.jpg", "sub/données.xml"):
+        storage.write_bytes(src / name, name.encode())
+    summary = storage.copy_tree(src, tmp_path / "dst")
+    assert summary.objects == 2
+    assert (tmp_path / "dst" / "sub" / "données.xml").read_bytes() == "sub/données.xml".encode()
+
+
+def test_open_read_is_seekable_locally(tmp_path: Path) -> None:
+    data = os.urandom(10_000)
+    storage.write_bytes(tmp_path / "r.bin", data)
+    with storage.open_read(tmp_path / "r.bin") as stream:
+        stream.seek(5000)
+        assert stream.read(10) == data[5000:5010]

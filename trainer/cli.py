@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from trainer import __version__, storage
@@ -65,7 +66,9 @@ def cmd_cp(args: argparse.Namespace) -> int:
             raise storage.StorageError(src, "is a directory or prefix; use --recursive to copy what it holds")
         if dst.endswith(("/", os.sep)) or storage.is_dir(dst) and not storage.is_s3(dst):
             dst = storage.join(dst, storage.basename(src))
-        summary = storage.copy_many([(src, dst)], workers=1)
+        started = time.perf_counter()
+        size = storage.copy(src, dst)
+        summary = storage.TransferSummary(1, size, time.perf_counter() - started)
     log.info("copied %d objects, %s in %.2f s (%.1f MB/s) to %s",
              summary.objects, _human(summary.bytes), summary.seconds, summary.mb_per_s, dst)
     return EXIT_OK

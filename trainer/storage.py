@@ -174,11 +174,16 @@ def s3_client() -> Any:
     return client
 
 
-def _transfer_config() -> TransferConfig:
+def _transfer_config(download: bool = False) -> TransferConfig:
+    """s3transfer settings for multipart transfers.
+
+    Uploads use 8 MB parts (the transfer manager's default, fastest on the servers we measured); downloads use
+    16 MB ranges, which halves the request count and measured about 2x faster than the defaults (bench/storage.py).
+    """
     return TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD,
-        multipart_chunksize=MULTIPART_CHUNK,
-        max_concurrency=16,
+        multipart_chunksize=MULTIPART_CHUNK if download else 8 * 1024 * 1024,
+        max_concurrency=10,
         use_threads=True,
     )
 
@@ -455,10 +460,10 @@ def stat(uri: str | os.PathLike[str]) -> ObjectInfo:
 
 
 def exists(uri: str | os.PathLike[str]) -> bool:
-    """Whether a file or object exists. A missing bucket is an error, not False: it means a wrong config."""
+    """Whether a file or object (not a directory) exists. A missing bucket is an error, not False: it means
+    a wrong configuration, and treating it as "absent" would, say, start a training run from scratch."""
     try:
-        stat(uri)
-        return True
+        return not stat(uri).is_dir
     except BucketNotFound:
         raise
     except NotFound:
@@ -693,7 +698,8 @@ def copy(src: str | os.PathLike[str], dst: str | os.PathLike[str], size: int | N
             with _errors(dst_text, is_read=False):
                 dst_loc.parent.mkdir(parents=True, exist_ok=True)
             with _errors(src_text):  # s3transfer writes a temp file, retries cut bodies, then renames
-                s3_client().download_file(src_loc.bucket, src_loc.key, str(dst_loc), Config=_transfer_config())
+                s3_client().download_file(src_loc.bucket, src_loc.key, str(dst_loc),
+                                          Config=_transfer_config(download=True))
         return size
     with _errors(src_text):
         source = {"Bucket": src_loc.bucket, "Key": src_loc.key}

@@ -28,6 +28,11 @@ _ERRORS = {
 }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # many parallel clients connect at once
+
+
 @dataclass
 class FaultPlan:
     """What to do to the traffic; change it between phases of a test with ``FaultProxy.plan = ...``."""
@@ -63,8 +68,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self.plan = plan or FaultPlan()
-        self._server = ThreadingHTTPServer((host, 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server((host, 0), self._handler_class())
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
 
     @property
@@ -187,3 +191,28 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _proxy
 
         return Handler
+
+
+def main() -> None:
+    """Run the proxy in its own process (benchmarks do, so it does not share their interpreter lock).
+
+    Prints its URL on the first line of stdout, then serves until terminated or ``--max-seconds`` pass.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upstream", required=True, help="HOST:PORT of the S3 server (loopback only)")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--cut-rate", type=float, default=0.0)
+    parser.add_argument("--max-seconds", type=float, default=3600.0)
+    args = parser.parse_args()
+    host, _, port = args.upstream.rpartition(":")
+    plan = FaultPlan(latency_s=args.latency_ms / 1000, error_rate=args.error_rate, cut_rate=args.cut_rate)
+    with FaultProxy(host, int(port), plan) as proxy:
+        print(proxy.url, flush=True)
+        time.sleep(args.max_seconds)
+
+
+if __name__ == "__main__":
+    main()

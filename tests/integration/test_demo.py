@@ -1,0 +1,26 @@
+"""`make demo` runs to the end, prints where its outputs are, and stops the server it started."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import BCCD, REPO
+
+
+def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "demo-out"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verified: 735 files identical" in result.stdout
+    assert f"Outputs: {out}/bccd" in result.stdout
+    assert (out / "bccd" / "JPEGImages" / "BloodImage_00001.jpg").read_bytes() == \
+        (BCCD / "JPEGImages" / "BloodImage_00001.jpg").read_bytes()
+
+    port = int(re.search(r"endpoint: http://127\.0\.0\.1:(\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the demo left its S3 server running"

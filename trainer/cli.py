@@ -74,6 +74,23 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from trainer.annotations.convert import ConvertError, ConvertOptions, convert, summary_text
+
+    options = ConvertOptions(
+        voc_root=args.voc_root, out=args.out, all=args.all, labels=args.labels, voc_offset=args.voc_offset,
+        difficult=args.difficult, strict=args.strict, workers=args.workers, report=args.report,
+        splits=[s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None,
+    )
+    try:
+        result = convert(options)
+    except ConvertError as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(summary_text(result), file=sys.stderr)
+    return result.exit_code
+
+
 # ------------------------------------------------------------------------------------------- parsing
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -100,6 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--workers", type=int, default=storage.DEFAULT_WORKERS,
                     help=f"parallel transfers (default {storage.DEFAULT_WORKERS})")
     cp.set_defaults(func=cmd_cp)
+
+    conv = sub.add_parser(
+        "convert", parents=[common], help="convert Pascal VOC annotations to COCO JSON (local or s3://)",
+        description="Convert a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/) to one COCO JSON "
+                    "per split. Exit 0: converted (warnings allowed); 1: some files could not be converted "
+                    "(or any warning with --strict); 2: usage error.")
+    conv.add_argument("--voc-root", required=True, help="the VOC folder: local path or s3://bucket/prefix")
+    conv.add_argument("--out", required=True, help="where <split>.json files go: local path or s3:// prefix")
+    which = conv.add_mutually_exclusive_group()
+    which.add_argument("--splits", help="comma-separated split names from ImageSets/Main (default: every split file)")
+    which.add_argument("--all", action="store_true", help="one all.json with every annotation, ignoring splits")
+    conv.add_argument("--labels", help="file/URI with one class name per line: fixes category ids 1..K")
+    conv.add_argument("--voc-offset", action="store_true",
+                      help="apply the VOC devkit's 1-based convention (xmin-1, ymin-1; inclusive max)")
+    conv.add_argument("--difficult", choices=("keep", "crowd", "drop"), default="crowd",
+                      help="difficult objects: crowd = kept with iscrowd=1 so COCOeval ignores them (default)")
+    conv.add_argument("--strict", action="store_true", help="any warning fails the run and nothing is written")
+    conv.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                      help="parallel parser processes (the output does not depend on it)")
+    conv.add_argument("--report", help="write every problem, file by file, as JSON to this path/URI")
+    conv.set_defaults(func=cmd_convert)
     return parser
 
 

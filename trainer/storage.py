@@ -41,6 +41,9 @@ DEFAULT_WORKERS = 32
 # Body reads cut mid-stream (connection reset, truncated response) are retried this many times.
 STREAM_ATTEMPTS = 6
 _TMP_MARKER = ".trainer-tmp-"
+# Atomic local writes go through mkstemp (mode 0600); the final file gets the usual mode under the umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -549,6 +552,7 @@ def _local_atomic(path: Path, uri: str) -> Iterator[IO[bytes]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}{_TMP_MARKER}")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             yield handle
             handle.flush()

@@ -1,0 +1,144 @@
+"""parse_voc on the bad inputs users' VOC files really contain: each either parses or fails with a named kind."""
+
+from __future__ import annotations
+
+import codecs
+
+import pytest
+
+from tests.support.voc import voc_xml
+from trainer.annotations.voc import VocError, parse_voc
+
+GOOD = voc_xml("a.jpg", [("RBC", 1, 2, 30, 40)])
+
+
+def error_kind(data: bytes) -> str:
+    with pytest.raises(VocError) as info:
+        parse_voc(data)
+    assert str(info.value)  # always a readable message
+    return info.value.kind
+
+
+def test_a_plain_file_parses_exactly() -> None:
+    record = parse_voc(voc_xml("a.jpg", [("RBC", "10.5", 2, "30.25", 40, 1, 1)]).encode())
+    assert (record.filename, record.width, record.height) == ("a.jpg", 640, 480)
+    [obj] = record.objects
+    assert (obj.name, obj.xmin, obj.ymin, obj.xmax, obj.ymax, obj.difficult, obj.truncated) == \
+        ("RBC", 10.5, 2.0, 30.25, 40.0, 1, 1)
+
+
+@pytest.mark.parametrize("data,kind", [
+    (b"", "empty_file"),
+    (b"   \n\t ", "empty_file"),
+    (GOOD.encode()[: len(GOOD) // 2], "malformed_xml"),  # truncated mid-file
+    (b"<annotation><object></annotation>", "malformed_xml"),
+    (b"not xml at all", "malformed_xml"),
+    (b"<html><body/></html>", "not_voc"),
+])
+def test_unusable_files_fail_with_their_kind(data: bytes, kind: str) -> None:
+    assert error_kind(data) == kind
+
+
+def test_malformed_message_gives_the_position() -> None:
+    with pytest.raises(VocError, match=r"line 1, column \d+"):
+        parse_voc(b"<annotation><object></annotation>")
+
+
+BILLION_LAUGHS = b"""<?xml version="1.0"?>
+<!DOCTYPE annotation [
+ <!ENTITY lol "lol">
+ <!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;">
+ <!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">
+]>
+<annotation><filename>&lol3;</filename></annotation>"""
+
+EXTERNAL_ENTITY = b"""<?xml version="1.0"?>
+<!DOCTYPE annotation [<!ENTITY secret SYSTEM "file:///etc/passwd">]>
+<annotation><filename>&secret;</filename></annotation>"""
+
+PARAMETER_ENTITY = b"""<?xml version="1.0"?>
+<!DOCTYPE annotation [<!ENTITY % remote SYSTEM "http://127.0.0.1:9/evil.dtd"> %remote;]>
+<annotation/>"""
+
+
+@pytest.mark.parametrize("data", [BILLION_LAUGHS, EXTERNAL_ENTITY, PARAMETER_ENTITY],
+                         ids=["entity-bomb", "external-entity", "parameter-entity"])
+def test_entity_attacks_are_refused(data: bytes) -> None:
+    assert error_kind(data) == "unsafe_xml"
+
+
+def test_entity_declarations_in_another_encoding_are_still_refused() -> None:
+    assert error_kind(codecs.BOM_UTF16_LE + BILLION_LAUGHS.decode().encode("utf-16-le")) == "unsafe_xml"
+
+
+def test_a_harmless_doctype_is_accepted() -> None:
+    data = b'<?xml version="1.0"?>\n<!DOCTYPE annotation>\n' + GOOD.encode()
+    assert parse_voc(data).objects[0].name == "RBC"
+
+
+@pytest.mark.parametrize("encoding", ["iso-8859-1", "windows-1252", "shift_jis", "gb2312"])
+def test_non_utf8_encodings_declared_in_the_prolog(encoding: str) -> None:
+    name = {"shift_jis": "細胞", "gb2312": "细胞"}.get(encoding, "Globulé")
+    text = f'<?xml version="1.0" encoding="{encoding}"?>\n' + voc_xml("a.jpg", [(name, 1, 1, 5, 5)])
+    assert parse_voc(text.encode(encoding)).objects[0].name == name
+
+
+def test_utf8_and_utf16_byte_order_marks() -> None:
+    assert parse_voc(codecs.BOM_UTF8 + GOOD.encode()).objects[0].name == "RBC"
+    assert parse_voc(GOOD.encode("utf-16")).objects[0].name == "RBC"  # BOM included by the codec
+
+
+def test_unknown_or_lying_encodings_are_errors() -> None:
+    assert error_kind(b'<?xml version="1.0" encoding="klingon-8"?><annotation/>') == "bad_encoding"
+    assert error_kind('<?xml version="1.0" encoding="shift_jis"?><annotation>\udcff</annotation>'
+                      .encode("utf-8", "surrogateescape")) == "bad_encoding"
+
+
+def test_namespaced_documents() -> None:
+    default = GOOD.replace("<annotation>", '<annotation xmlns="http://example.org/voc">')
+    assert parse_voc(default.encode()).objects[0].name == "RBC"
+    prefixed = GOOD.replace("<annotation>", '<v:annotation xmlns:v="urn:voc">').replace("</annotation>", "</v:annotation>")
+    assert parse_voc(prefixed.encode()).filename == "a.jpg"
+
+
+@pytest.mark.parametrize("size_xml", ["", "<size><width>0</width><height>0</height></size>",
+                                      "<size><width>abc</width><height>480</height></size>"])
+def test_missing_zero_or_bad_size_is_unknown(size_xml: str) -> None:
+    record = parse_voc(f"<annotation><filename>a.jpg</filename>{size_xml}</annotation>".encode())
+    assert record.width is None or record.height is None
+
+
+def test_coordinates_padded_float_or_bad() -> None:
+    record = parse_voc(voc_xml("a.jpg", [("A", " 12 ", "\n3.5\t", " 40", "50 "), ("B", "1", "two", "3", "4"),
+                                         ("C", "nan", 1, 2, 3)]).encode())
+    assert [(o.name, o.xmin, o.ymin, o.xmax, o.ymax) for o in record.objects] == [("A", 12, 3.5, 40, 50)]
+    assert [kind for kind, _ in record.problems] == ["bad_coordinate", "bad_coordinate"]
+    assert "ymin='two'" in record.problems[0][1]
+
+
+def test_objects_without_box_or_name_and_parts() -> None:
+    extra = ("<object><name>nobox</name></object><object><bndbox><xmin>1</xmin></bndbox></object>"
+             "<object><name>person</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox>"
+             "<part><name>hand</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>3</xmax><ymax>3</ymax></bndbox></part>"
+             "<part><name>head</name><bndbox><xmin>4</xmin><ymin>4</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></part>"
+             "</object>")
+    record = parse_voc(voc_xml("a.jpg", [], extra=extra).encode())
+    assert [o.name for o in record.objects] == ["person"]  # parts are not objects
+    assert sorted(k for k, _ in record.problems) == ["missing_bndbox", "missing_name", "part_ignored"]
+
+
+def test_class_names_are_stripped_and_nfc_normalised() -> None:
+    decomposed = "Globule\u0301"  # 'e' + combining acute
+    record = parse_voc(voc_xml("a.jpg", [(f"  {decomposed}\n", 1, 1, 5, 5)]).encode())
+    assert record.objects[0].name == "Globul\u00e9"
+
+
+def test_flags_accept_common_spellings_and_report_others() -> None:
+    record = parse_voc(voc_xml("a.jpg", [("A", 1, 1, 5, 5, "true", "1"), ("B", 1, 1, 5, 5, "maybe", "")]).encode())
+    assert [(o.difficult, o.truncated) for o in record.objects] == [(1, 1), (0, 0)]
+    assert [k for k, _ in record.problems] == ["bad_flag"]
+
+
+def test_five_thousand_objects_in_one_file() -> None:
+    objects = [("RBC", i % 600, i % 400, i % 600 + 5, i % 400 + 5) for i in range(5000)]
+    assert len(parse_voc(voc_xml("big.jpg", objects).encode()).objects) == 5000

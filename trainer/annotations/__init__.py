@@ -1,0 +1,1 @@
+"""Annotation formats: Pascal VOC parsing and COCO building. No torch imports here."""

@@ -1,0 +1,236 @@
+"""`trainer convert` end to end: BCCD from disk and from S3, conventions, and every bad-input case."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from tests.conftest import BCCD, REPO, S3Env
+from tests.support.voc import make_voc, voc_xml
+from trainer import storage
+from trainer.annotations.convert import ConvertOptions, ConvertResult, convert
+
+
+def run_convert(root: Path | str, out: Path | str, **kwargs: object) -> ConvertResult:
+    return convert(ConvertOptions(str(root), str(out), **kwargs))  # type: ignore[arg-type]
+
+
+def kinds(result: ConvertResult) -> dict[str, int]:
+    return {kind: len(items) for kind, items in result.problems.items()}
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trainer", "convert", *args], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ), timeout=300)
+
+
+# ------------------------------------------------------------------------------------------ BCCD
+def xml_boxes(xml_path: Path) -> list[tuple[str, float, float, float, float]]:
+    """Boxes straight from the XML with the standard library, for an independent comparison."""
+    root = ET.parse(xml_path).getroot()
+    boxes = []
+    for obj in root.findall("object"):
+        bb = obj.find("bndbox")
+        x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr, arg-type]
+        if x1 > x0 and y1 > y0:
+            boxes.append((obj.findtext("name").strip(), x0, y0, x1 - x0, y1 - y0))  # type: ignore[union-attr]
+    return boxes
+
+
+def test_bccd_converts_all_splits_exactly_and_evaluates_to_map_1(tmp_path: Path) -> None:
+    result = run_convert(BCCD, tmp_path, workers=2)
+    assert result.exit_code == 0
+    assert set(result.outputs) == {"train", "val", "test", "trainval"}
+    assert (result.split_images["train"], result.split_images["val"], result.split_images["test"]) == (205, 87, 72)
+    assert kinds(result) == {"degenerate_box": 2}  # BloodImage_00338 and _00343, as SOURCE.md says
+    assert result.categories == ["Platelets", "RBC", "WBC"]
+
+    all_ids: dict[str, int] = {}
+    for split in ("train", "val", "test"):
+        data = load(tmp_path / f"{split}.json")
+        listed = (BCCD / "ImageSets/Main" / f"{split}.txt").read_text().split()
+        assert sorted(Path(i["file_name"]).stem for i in data["images"]) == sorted(listed)
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        for image in data["images"]:
+            assert image["file_name"] not in all_ids  # splits are disjoint, ids unique
+            all_ids[image["file_name"]] = image["id"]
+            got = sorted((names[a["category_id"]], *a["bbox"]) for a in data["annotations"]
+                         if a["image_id"] == image["id"])
+            assert got == sorted(xml_boxes(BCCD / "Annotations" / (Path(image["file_name"]).stem + ".xml")))
+    assert sorted(all_ids.values()) == list(range(1, 365))
+
+    gt = COCO(str(tmp_path / "test.json"))
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                  for a in gt.dataset["annotations"]]
+    evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert np.isclose(evaluator.stats[0], 1.0) and np.isclose(evaluator.stats[1], 1.0)
+
+
+def test_bccd_from_s3_to_s3_is_byte_identical_to_local_and_to_any_worker_count(s3: S3Env, tmp_path: Path) -> None:
+    storage.copy_tree(BCCD, s3.uri("raw/bccd"))
+    remote = run_convert(s3.uri("raw/bccd"), s3.uri("coco"), workers=2, report=s3.uri("coco/report.json"))
+    assert remote.exit_code == 0 and remote.outputs["val"] == s3.uri("coco/val.json")
+    local_1 = run_convert(BCCD, tmp_path / "w1", workers=1)
+    run_convert(BCCD, tmp_path / "w3", workers=3)
+    for split in local_1.outputs:
+        expected = (tmp_path / "w1" / f"{split}.json").read_bytes()
+        assert (tmp_path / "w3" / f"{split}.json").read_bytes() == expected
+        assert storage.read_bytes(s3.uri(f"coco/{split}.json")) == expected
+    report = json.loads(storage.read_text(s3.uri("coco/report.json")))
+    assert report["ok"] and report["problems"]["degenerate_box"]["count"] == 2
+
+
+# --------------------------------------------------------------------------------- conventions
+def test_voc_offset_and_float_coordinates(tmp_path: Path) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("cell", "10.25", 20, "30.75", 41)])}, ["a.jpg"])
+    run_convert(tmp_path / "voc", tmp_path / "plain")
+    run_convert(tmp_path / "voc", tmp_path / "offset", voc_offset=True)
+    assert load(tmp_path / "plain/all.json")["annotations"][0]["bbox"] == [10.25, 20, 20.5, 21]
+    offset = load(tmp_path / "offset/all.json")["annotations"][0]
+    assert offset["bbox"] == [9.25, 19, 21.5, 22] and offset["area"] == 21.5 * 22
+
+
+@pytest.mark.parametrize("mode,expected", [("crowd", [(0, 0), (1, 1)]), ("keep", [(0, 0), (0, 1)]),
+                                           ("drop", [(0, 0)])])
+def test_difficult_modes(tmp_path: Path, mode: str, expected: list[tuple[int, int]]) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 9, 9, 0), ("c", 2, 2, 8, 8, 1, 1)])},
+             ["a.jpg"])
+    run_convert(tmp_path / "voc", tmp_path / "out", difficult=mode)
+    annotations = load(tmp_path / "out/all.json")["annotations"]
+    assert [(a["iscrowd"], a["difficult"]) for a in annotations] == expected
+    assert all("truncated" in a for a in annotations)
+
+
+def test_labels_file_fixes_ids_and_unknown_classes_are_skipped_or_fatal(tmp_path: Path) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("zebra", 1, 1, 5, 5), ("ant", 1, 1, 5, 5),
+                                                           ("Ant", 2, 2, 6, 6), ("yak", 1, 1, 5, 5)])}, ["a.jpg"])
+    (tmp_path / "labels.txt").write_text("# classes\nzebra\n ant \n")
+    result = run_convert(tmp_path / "voc", tmp_path / "out", labels=str(tmp_path / "labels.txt"))
+    data = load(tmp_path / "out/all.json")
+    assert [(c["id"], c["name"]) for c in data["categories"]] == [(1, "zebra"), (2, "ant")]
+    assert [a["category_id"] for a in data["annotations"]] == [1, 2, 2]
+    assert kinds(result) == {"unknown_class": 1, "class_case_mismatch": 1}
+    assert "yak" in result.problems["unknown_class"][0][1] and result.exit_code == 0
+
+    before = (tmp_path / "out/all.json").read_bytes()
+    strict = run_convert(tmp_path / "voc", tmp_path / "out", labels=str(tmp_path / "labels.txt"), strict=True)
+    assert strict.exit_code == 1 and strict.outputs == {}
+    assert (tmp_path / "out/all.json").read_bytes() == before  # nothing already written is touched
+
+
+def test_case_variants_without_labels_merge_into_the_common_spelling(tmp_path: Path) -> None:
+    xmls = {f"{i}.xml": voc_xml(f"{i}.jpg", [("RBC", 1, 1, 5, 5)]) for i in range(3)}
+    xmls["3.xml"] = voc_xml("3.jpg", [("rbc ", 1, 1, 5, 5)])
+    make_voc(tmp_path / "voc", xmls, [f"{i}.jpg" for i in range(4)])
+    result = run_convert(tmp_path / "voc", tmp_path / "out")
+    assert result.categories == ["RBC"] and result.objects_per_class == {"RBC": 4}
+    assert result.problems["class_case_mismatch"][0][0] == "3.xml"
+
+
+# ------------------------------------------------------------------------------------- bad input
+def test_bad_files_are_reported_and_never_lose_the_good_ones(tmp_path: Path) -> None:
+    xmls: dict[str, str | bytes] = {
+        "good.xml": voc_xml("good.jpg", [("c", 1, 1, 50, 50)]),
+        "broken.xml": voc_xml("broken.jpg", [("c", 1, 1, 5, 5)])[:60],
+        "empty.xml": b"",
+        "bomb.xml": b'<!DOCTYPE a [<!ENTITY x "xx"><!ENTITY y "&x;&x;">]><annotation>&y;</annotation>',
+        "nosize.xml": voc_xml("nosize.jpg", [("c", 1, 1, 700, 500)], size=None),
+        "zerosize.xml": voc_xml("zerosize.jpg", [("c", 1, 1, 5, 5)], size=(0, 0)),
+        "escape.xml": voc_xml("../../../etc/escape.jpg", [("c", 1, 1, 5, 5)]),
+        "noext.xml": voc_xml("noext", [("c", 1, 1, 5, 5)]),
+        "renamed.xml": voc_xml("old_name.jpg", [("c", 1, 1, 5, 5)]),
+        "twin.xml": voc_xml("good.jpg", [("c", 2, 2, 6, 6)]),
+        "boxes.xml": voc_xml("boxes.jpg", [("c", 5, 5, 5, 9), ("c", 9, 9, 1, 1), ("c", -10, -5, 700, 490),
+                                           ("c", 650, 10, 700, 20), ("c", 1, 1, 2, 2)]),
+        "noimage.xml": voc_xml("noimage.jpg", [("c", 1, 1, 5, 5)]),
+    }
+    images = ["good.jpg", "nosize.jpg", "zerosize.jpg", "escape.jpg", "noext.jpg", "renamed.jpg", "boxes.jpg"]
+    make_voc(tmp_path / "voc", xmls, images,
+             splits={"train": ["good", "nosize", "escape", "ghost"], "val": ["boxes", "noimage", "twin"]})
+    (tmp_path / "etc").mkdir()
+    result = run_convert(tmp_path / "voc", tmp_path / "out", workers=2)
+
+    assert kinds(result) == {
+        "malformed_xml": 1, "empty_file": 1, "unsafe_xml": 1, "size_from_image": 2, "clipped_box": 2,
+        "filename_has_directory": 1, "filename_missing_extension": 1, "filename_mismatch": 2,
+        "duplicate_image": 1, "degenerate_box": 2, "outside_image": 1, "missing_image": 1,
+        "missing_annotation": 1,
+    }
+    assert result.exit_code == 1  # errors: three unusable files and one duplicate
+    train = load(tmp_path / "out/train.json")
+    by_name = {i["file_name"]: i for i in train["images"]}
+    assert sorted(by_name) == ["escape.jpg", "good.jpg", "nosize.jpg"]
+    assert (by_name["nosize.jpg"]["width"], by_name["nosize.jpg"]["height"]) == (640, 480)  # from the JPEG header
+    nosize_boxes = [a["bbox"] for a in train["annotations"] if a["image_id"] == by_name["nosize.jpg"]["id"]]
+    assert nosize_boxes == [[1, 1, 639, 479]]  # clipped to the header's size
+    assert not (tmp_path / "etc" / "escape.jpg").exists()
+    val = load(tmp_path / "out/val.json")
+    assert [i["file_name"] for i in val["images"]] == ["boxes.jpg"]
+    assert sorted(a["bbox"] for a in val["annotations"]) == [[0, 0, 640, 480], [1, 1, 1, 1]]
+    assert result.problems["missing_annotation"][0] == ("ImageSets/Main/train.txt",
+                                                        "id 'ghost' has no Annotations/ghost.xml")
+
+
+def test_duplicate_claims_keep_the_first_xml_by_name(tmp_path: Path) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("x.jpg", [("c", 1, 1, 5, 5)]),
+                                "b.xml": voc_xml("x.jpg", [("c", 2, 2, 9, 9)])}, ["x.jpg"])
+    result = run_convert(tmp_path / "voc", tmp_path / "out")
+    assert result.problems["duplicate_image"] == [("b.xml", "names image 'x.jpg', already annotated by a.xml")]
+    assert load(tmp_path / "out/all.json")["annotations"][0]["bbox"] == [1, 1, 4, 4]
+
+
+def test_a_split_requested_but_absent_and_a_missing_folder_are_clear_errors(tmp_path: Path) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [])}, ["a.jpg"], splits={"train": ["a"]})
+    result = cli("--voc-root", str(tmp_path / "voc"), "--out", str(tmp_path / "out"), "--splits", "train,tset")
+    assert result.returncode == 1 and "tset.txt: no such split file (present: train)" in result.stderr
+    result = cli("--voc-root", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "no .xml annotation files found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_summary_exit_codes_and_report(tmp_path: Path) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)]),
+                                "b.xml": b"<annotation><object>",
+                                "c.xml": voc_xml("c.jpg", [("c", 1, 1, 5, 5)])},
+             ["a.jpg", "b.jpg"])
+    result = cli("--voc-root", str(tmp_path / "voc"), "--out", str(tmp_path / "out"), "--all",
+                 "--report", str(tmp_path / "report.json"))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error   malformed_xml" in result.stderr and "b.xml" in result.stderr
+    assert "warning missing_image" in result.stderr and "FAILED: 1 errors, 1 warnings" in result.stderr
+    assert len(result.stderr.splitlines()) < 25  # one screen
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["problems"]["missing_image"]["items"] == [{"file": "c.xml", "detail": "no image 'c.jpg' in the image folder"}]
+    assert load(tmp_path / "out/all.json")["images"][0]["file_name"] == "a.jpg"  # the good file survived
+
+    assert cli("--voc-root", "x", "--out", "y", "--all", "--splits", "train").returncode == 2
+    assert cli("--voc-root", "x", "--out", "y", "--difficult", "sometimes").returncode == 2
+
+
+def test_thousands_of_objects_in_one_image(tmp_path: Path) -> None:
+    objects = [("c", i % 600, i % 400, i % 600 + 7, i % 400 + 7) for i in range(5000)]
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", objects)}, ["a.jpg"])
+    result = run_convert(tmp_path / "voc", tmp_path / "out")
+    assert result.exit_code == 0 and result.objects_per_class == {"c": 5000}
+    annotations = load(tmp_path / "out/all.json")["annotations"]
+    assert [a["id"] for a in annotations] == list(range(1, 5001))

@@ -78,8 +78,15 @@ def main() -> int:
         trainer(env, "ls", f"s3://{BUCKET}/bccd/")
         trainer(env, "ls", "--recursive", "--summary", f"s3://{BUCKET}/bccd/ImageSets/")
 
+        say("Converting the VOC annotations in S3 to COCO JSON, one file per split")
+        trainer(env, "convert", "--voc-root", f"s3://{BUCKET}/bccd", "--out", f"s3://{BUCKET}/bccd/coco",
+                "--report", f"s3://{BUCKET}/bccd/coco/report.json")
+        trainer(env, "ls", f"s3://{BUCKET}/bccd/coco/")
+
         say("Copying the data set back from S3 and verifying every file")
         trainer(env, "cp", "--recursive", f"s3://{BUCKET}/bccd", str(out / "bccd"))
+        coco = out / "bccd" / "coco"
+        shutil.move(coco, out / "coco")
         expected, got = digests(SAMPLE), digests(out / "bccd")
         if expected != got:
             raise SystemExit(f"demo: {len(set(expected.items()) ^ set(got.items()))} files differ after the round trip")
@@ -88,6 +95,7 @@ def main() -> int:
         say("Stopping the local S3 server")
     print(f"\nDemo finished in {time.monotonic() - started:.1f} s.")
     print(f"Outputs: {out}/bccd (the data set as read back from S3)")
+    print(f"         {out}/coco (COCO JSON per split + report.json, made by `trainer convert` in S3)")
     return 0
 
 

@@ -119,8 +119,9 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
 
 
 def basename(uri: str | os.PathLike[str]) -> str:
-    loc = parse(uri)
-    return PurePosixPath(loc.key).name if isinstance(loc, S3Location) else loc.name
+    """The last path component ("f.txt" for s3://b/dir/f.txt or /x/dir/f.txt)."""
+    text = os.fspath(uri)
+    return text.rstrip("/").rpartition("/")[2] if is_s3(text) else os.path.basename(text.rstrip(os.sep))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified: 735 files identical" in result.stdout
+    assert "OK: 0 errors, 2 warnings" in result.stdout  # the convert summary (BCCD's two degenerate boxes)
+    for split in ("train", "val", "test", "trainval"):
+        assert (out / "coco" / f"{split}.json").stat().st_size > 10_000
     assert f"Outputs: {out}/bccd" in result.stdout
     assert (out / "bccd" / "JPEGImages" / "BloodImage_00001.jpg").read_bytes() == \
         (BCCD / "JPEGImages" / "BloodImage_00001.jpg").read_bytes()

@@ -1,31 +1,22 @@
 """Build COCO detection JSON from converted boxes: stable ids, exact floats, byte-identical output.
 
 Serialisation formats each record with a fixed template instead of ``json.dumps`` on dicts: the same bytes every
-run, and several times faster for hundreds of thousands of boxes. Strings go through ``json.dumps``.
+run, and several times faster for hundreds of thousands of boxes. Strings go through ``json.dumps``; numbers are
+formatted by the converter (``convert.numbers_text``).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from trainer import __version__
 
 
-@dataclass(frozen=True, slots=True)
-class Box:
-    """One output box in COCO convention (x, y = top-left; w, h > 0), before ids are assigned."""
-
-    category: str
-    x: float
-    y: float
-    w: float
-    h: float
-    iscrowd: int
-    difficult: int
-    truncated: int
+# (category name, the annotation's JSON text from "bbox" to the closing brace)
+AnnotationRow = tuple[str, str]
 
 
 @dataclass(slots=True)
@@ -34,17 +25,8 @@ class ImageEntry:
     file_name: str
     width: int
     height: int
-    boxes: list[Box]
+    boxes: list[AnnotationRow]
     first_annotation_id: int = 0  # annotation ids are global, so an object keeps its id in every split
-
-
-def _num(value: float) -> str:
-    """Shortest exact text of a coordinate; integral values print as integers (``12`` not ``12.0``)."""
-    if value == int(value) and abs(value) < 2**53:
-        return str(int(value))
-    if not math.isfinite(value):
-        raise ValueError(f"non-finite coordinate {value!r}")
-    return repr(value)
 
 
 def image_json(image: ImageEntry) -> str:
@@ -53,32 +35,32 @@ def image_json(image: ImageEntry) -> str:
 
 
 def annotations_json(image: ImageEntry, category_ids: dict[str, int]) -> list[str]:
-    rows = []
-    for offset, box in enumerate(image.boxes):
-        rows.append(
-            f'{{"id":{image.first_annotation_id + offset},"image_id":{image.id},'
-            f'"category_id":{category_ids[box.category]},'
-            f'"bbox":[{_num(box.x)},{_num(box.y)},{_num(box.w)},{_num(box.h)}],'
-            f'"area":{_num(round(box.w * box.h, 6))},"iscrowd":{box.iscrowd},'
-            f'"difficult":{box.difficult},"truncated":{box.truncated}}}'
-        )
-    return rows
+    head = f',"image_id":{image.id},"category_id":'
+    return [f'{{"id":{image.first_annotation_id + offset}{head}{category_ids[category]},{text}'
+            for offset, (category, text) in enumerate(image.boxes)]
 
 
-def coco_document(images: Iterable[ImageEntry], categories: Sequence[str], description: str) -> bytes:
-    """The whole COCO JSON document for these images (in the order given) and categories (ids 1..K)."""
+def write_coco(stream: IO[bytes], images: Sequence[ImageEntry], categories: Sequence[str], description: str) -> None:
+    """Write the COCO JSON document for these images (in the order given) and categories (ids 1..K).
+
+    Rows are written in batches, so memory stays flat however many boxes there are.
+    """
     category_ids = {name: i for i, name in enumerate(categories, start=1)}
-    image_rows: list[str] = []
-    annotation_rows: list[str] = []
-    for image in images:
-        image_rows.append(image_json(image))
-        annotation_rows.extend(annotations_json(image, category_ids))
     category_rows = [f'{{"id":{i},"name":{json.dumps(name, ensure_ascii=False)},"supercategory":"none"}}'
                      for name, i in category_ids.items()]
     info = json.dumps({"description": description, "version": "1.0",
                        "contributor": f"detection-trainer {__version__} (trainer convert)"},
                       ensure_ascii=False, separators=(",", ":"))
-    text = (f'{{"info":{info},"licenses":[],\n"categories":[\n' + ",\n".join(category_rows)
-            + '\n],\n"images":[\n' + ",\n".join(image_rows)
-            + '\n],\n"annotations":[\n' + ",\n".join(annotation_rows) + "\n]}\n")
-    return text.encode("utf-8")
+    categories_text = ",\n".join(category_rows)
+    stream.write(f'{{"info":{info},"licenses":[],\n"categories":[\n{categories_text}\n],\n"images":['.encode())
+    for start in range(0, len(images), 1000):
+        batch = ",\n".join(image_json(image) for image in images[start : start + 1000])
+        stream.write(("\n" if start == 0 else ",\n").encode() + batch.encode())
+    stream.write(b'\n],\n"annotations":[')
+    first = True
+    for start in range(0, len(images), 1000):
+        rows = [row for image in images[start : start + 1000] for row in annotations_json(image, category_ids)]
+        if rows:
+            stream.write(("\n" if first else ",\n").encode() + ",\n".join(rows).encode())
+            first = False
+    stream.write(b"\n]}\n")

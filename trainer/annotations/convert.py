@@ -14,14 +14,13 @@ import multiprocessing
 import os
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from trainer import storage
-from trainer.annotations.coco import Box, ImageEntry, coco_document
+from trainer.annotations.coco import AnnotationRow, ImageEntry, write_coco
 from trainer.annotations.image_size import header_size
 from trainer.annotations.voc import VocError, VocObject, normalise_name, parse_voc
 
@@ -86,6 +85,19 @@ class ConvertResult:
 
 
 # ------------------------------------------------------------------------------------ worker side
+@dataclass(frozen=True)
+class BoxRules:
+    """How objects become COCO boxes; applied in the workers."""
+
+    voc_offset: bool = False
+    difficult: DifficultMode = "crowd"
+
+
+# A converted box: (class name as written, the annotation's JSON text after "category_id":N, ...).
+# Workers format everything but the ids and the category id, so the parent process only inserts those.
+BoxText = tuple[str, str]
+
+
 @dataclass(slots=True)
 class Parsed:
     """One XML's outcome, as sent back from a worker (plain values: cheap to pickle)."""
@@ -94,19 +106,29 @@ class Parsed:
     filename: str | None = None
     width: int | None = None
     height: int | None = None
-    objects: list[VocObject] = field(default_factory=list)
+    objects: list[VocObject] = field(default_factory=list)  # raw objects, kept only while the size is unknown
+    boxes: list[BoxText] | None = None  # converted once the image size is known
     problems: list[tuple[str, str]] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (kind, message) when the file is unusable
 
+    def finish(self, rules: BoxRules) -> None:
+        """Convert the raw objects now that width and height are known."""
+        assert self.width is not None and self.height is not None
+        self.boxes = convert_boxes(self.objects, self.width, self.height, rules, self.problems)
+        self.objects = []
 
-def _parse_one(name: str, data: bytes | storage.StorageError) -> Parsed:
+
+def _parse_one(name: str, data: bytes | storage.StorageError, rules: BoxRules) -> Parsed:
     if isinstance(data, storage.StorageError):
         return Parsed(name, error=("unreadable", data.cause))
     try:
         record = parse_voc(data)
     except VocError as exc:
         return Parsed(name, error=(exc.kind, str(exc)))
-    return Parsed(name, record.filename, record.width, record.height, record.objects, record.problems)
+    parsed = Parsed(name, record.filename, record.width, record.height, record.objects, None, record.problems)
+    if parsed.width is not None and parsed.height is not None:
+        parsed.finish(rules)
+    return parsed
 
 
 def _read(uri: str) -> bytes | storage.StorageError:
@@ -116,53 +138,79 @@ def _read(uri: str) -> bytes | storage.StorageError:
         return exc
 
 
-def parse_chunk(uris: list[str]) -> list[Parsed]:
+def parse_chunk(uris: list[str], rules: BoxRules) -> list[Parsed]:
     """Read and parse a chunk of XML files (in a worker process); S3 objects are fetched by threads."""
     if uris and storage.is_s3(uris[0]):
         with ThreadPoolExecutor(_FETCH_THREADS) as pool:
             contents: Iterable[bytes | storage.StorageError] = list(pool.map(_read, uris))
     else:
         contents = map(_read, uris)
-    return [_parse_one(storage.basename(uri), data) for uri, data in zip(uris, contents, strict=True)]
+    return [_parse_one(storage.basename(uri), data, rules) for uri, data in zip(uris, contents, strict=True)]
 
 
-def parse_all(uris: list[str], workers: int) -> list[Parsed]:
-    """Parse every XML; results come back in input order whatever the number of workers."""
+def parse_all(uris: list[str], workers: int, rules: BoxRules) -> Iterator[Parsed]:
+    """Parse every XML, yielding results in input order (whatever the number of workers) as they arrive,
+    so the caller works on early chunks while the workers parse later ones."""
     if workers <= 1 or len(uris) < 64:
-        return parse_chunk(uris)
-    size = max(32, min(1000, len(uris) // (workers * 8) or 1))
+        yield from parse_chunk(uris, rules)
+        return
+    size = max(32, min(500, len(uris) // (workers * 8) or 1))
     chunks = [uris[i : i + size] for i in range(0, len(uris), size)]
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return [parsed for chunk in pool.map(parse_chunk, chunks) for parsed in chunk]
+        for chunk in pool.map(parse_chunk, chunks, [rules] * len(chunks)):
+            yield from chunk
 
 
 # ----------------------------------------------------------------------------------- boxes
-def convert_boxes(objects: list[VocObject], width: int, height: int, voc_offset: bool,
-                  problems: list[tuple[str, str]]) -> list[tuple[VocObject, float, float, float, float]]:
-    """COCO (x, y, w, h) for each object: offset applied, clipped to the image, degenerate boxes dropped."""
+# The annotation's JSON after its ids. %r is the shortest text that reads back as the same float; the replaces
+# print integral values as integers ("12", not "12.0").
+_BOX_JSON = '"bbox":[%r,%r,%r,%r],"area":%r,"iscrowd":%d,"difficult":%d,"truncated":%d}'
+
+
+def convert_boxes(objects: list[VocObject], width: int, height: int, rules: BoxRules,
+                  problems: list[tuple[str, str]]) -> list[BoxText]:
+    """COCO boxes for each object: offset applied, clipped to the image, degenerate boxes dropped,
+    difficult objects kept, marked crowd or dropped."""
     out = []
+    fw, fh = float(width), float(height)
+    crowd = rules.difficult == "crowd"
     for obj in objects:
         x0, y0, x1, y1 = obj.xmin, obj.ymin, obj.xmax, obj.ymax
-        if voc_offset:  # VOC devkit: 1-based pixel indices, max inclusive
+        if rules.voc_offset:  # VOC devkit: 1-based pixel indices, max inclusive
             x0, y0 = x0 - 1, y0 - 1
         if x1 <= x0 or y1 <= y0:
             problems.append(("degenerate_box", f"{obj.name} box ({obj.xmin}, {obj.ymin}, {obj.xmax}, {obj.ymax}) "
                                                "is inverted or has zero area; dropped"))
             continue
-        cx0, cy0, cx1, cy1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
-        if (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1):
+        if x0 < 0 or y0 < 0 or x1 > fw or y1 > fh:
+            cx0, cy0, cx1, cy1 = max(0.0, x0), max(0.0, y0), min(x1, fw), min(y1, fh)
             if cx1 <= cx0 or cy1 <= cy0:
                 problems.append(("outside_image", f"{obj.name} box ({obj.xmin}, {obj.ymin}, {obj.xmax}, "
                                                   f"{obj.ymax}) lies outside the {width}x{height} image; dropped"))
                 continue
             problems.append(("clipped_box", f"{obj.name} box ({obj.xmin}, {obj.ymin}, {obj.xmax}, {obj.ymax}) "
                                             f"clipped to the {width}x{height} image"))
-        out.append((obj, cx0, cy0, round(cx1 - cx0, 6), round(cy1 - cy0, 6)))
+            x0, y0, x1, y1 = cx0, cy0, cx1, cy1
+        difficult = obj.difficult
+        if difficult and rules.difficult == "drop":
+            problems.append(("difficult_dropped", f"a difficult {obj.name} object was dropped"))
+            continue
+        w, h = round(x1 - x0, 6), round(y1 - y0, 6)  # 30.75 - 10.3 is 20.449999999999999 in binary
+        text = _BOX_JSON % (x0, y0, w, h, round(w * h, 6), difficult and crowd, difficult, obj.truncated)
+        out.append((obj.name, text.replace(".0,", ",").replace(".0]", "]")))
     return out
 
 
 # ----------------------------------------------------------------------------------- driver
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0]
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
 class _Problems:
     def __init__(self) -> None:
         self.by_kind: dict[str, list[tuple[str, str]]] = {}
@@ -218,9 +266,9 @@ def read_splits(sets_dir: str, wanted: list[str] | None) -> dict[str, list[str]]
 def _resolve_image(parsed: Parsed, images: dict[str, str], by_stem: dict[str, list[str]],
                    problems: _Problems) -> str | None:
     """The JPEGImages file an annotation describes; never a path outside the image folder."""
-    xml_stem = PurePosixPath(parsed.xml).stem
+    xml_stem = _stem(parsed.xml)
     given = parsed.filename or ""
-    base = PurePosixPath(given.replace("\\", "/")).name
+    base = given.replace("\\", "/").rstrip("/").rpartition("/")[2]
     if base != given.strip():
         problems.add("filename_has_directory", parsed.xml, f"<filename> {given!r} has directory parts; "
                                                            f"using {base!r} inside the image folder")
@@ -229,10 +277,10 @@ def _resolve_image(parsed: Parsed, images: dict[str, str], by_stem: dict[str, li
             problems.add("unsafe_filename", parsed.xml, f"<filename> {given!r} names no file")
             return None
     elif base in images:
-        if PurePosixPath(base).stem != xml_stem:
+        if _stem(base) != xml_stem:
             problems.add("filename_mismatch", parsed.xml, f"<filename> {base!r} differs from the XML's name")
         return base
-    elif PurePosixPath(base).suffix.lower() not in IMAGE_EXTENSIONS and by_stem.get(base):
+    elif _suffix(base) not in IMAGE_EXTENSIONS and by_stem.get(base):
         problems.add("filename_missing_extension", parsed.xml,
                      f"<filename> {base!r} has no image extension; using {by_stem[base][0]!r}")
         return by_stem[base][0]
@@ -290,13 +338,12 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     xmls = {n: u for n, u in _list_names(ann_dir, "annotations").items() if n.lower().endswith(".xml")}
     if not xmls:
         raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
-    images = {n: u for n, u in _list_names(img_dir, "images").items()
-              if PurePosixPath(n).suffix.lower() in IMAGE_EXTENSIONS}
+    images = {n: u for n, u in _list_names(img_dir, "images").items() if _suffix(n) in IMAGE_EXTENSIONS}
     if not images:
         raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder)")
     by_stem: dict[str, list[str]] = {}
-    for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(PurePosixPath(n).suffix.lower()), n)):
-        by_stem.setdefault(PurePosixPath(name).stem, []).append(name)
+    for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(_suffix(n)), n)):
+        by_stem.setdefault(_stem(name), []).append(name)
 
     if options.all:
         splits = {"all": None}
@@ -306,7 +353,8 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
 
     names = sorted(xmls)
     say(f"parsing {len(names)} annotation files from {ann_dir} with {options.workers} workers")
-    parsed_list = parse_all([xmls[n] for n in names], options.workers)
+    rules = BoxRules(options.voc_offset, options.difficult)
+    parsed_list = parse_all([xmls[n] for n in names], options.workers, rules)
 
     # Resolve images, sizes and duplicates in sorted order: the first XML naming an image keeps it.
     kept: dict[str, tuple[Parsed, str]] = {}  # xml stem → (parsed, image file)
@@ -318,6 +366,7 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
             continue
         for kind, detail in parsed.problems:
             problems.add(kind, parsed.xml, detail)
+        parsed.problems.clear()  # what finish() adds later is reported with the boxes
         image = _resolve_image(parsed, images, by_stem, problems)
         if image is None:
             continue
@@ -325,20 +374,18 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
             problems.add("duplicate_image", parsed.xml, f"names image {image!r}, already annotated by {owner[image]}")
             continue
         owner[image] = parsed.xml
-        kept[PurePosixPath(parsed.xml).stem] = (parsed, image)
+        kept[_stem(parsed.xml)] = (parsed, image)
         if parsed.width is None or parsed.height is None:
             need_size.append((parsed, image))
-    _fill_sizes(need_size, images, problems)
+    _fill_sizes(need_size, images, problems, rules)
 
     # Classes.
     seen: Counter[str] = Counter()
     first_file: dict[str, str] = {}
     for parsed, _ in kept.values():
-        if parsed.width is None:
-            continue
-        for obj in parsed.objects:
-            seen[obj.name] += 1
-            first_file.setdefault(obj.name, parsed.xml)
+        for name, *_ in parsed.boxes or ():
+            seen[name] += 1
+            first_file.setdefault(name, parsed.xml)
     categories, mapping = _settle_classes(seen, labels, problems, first_file)
 
     # Boxes → entries with global ids (sorted XML order), so ids are the same in every split.
@@ -347,36 +394,29 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     per_class: Counter[str] = Counter()
     for stem in sorted(kept):
         parsed, image = kept[stem]
-        if parsed.width is None or parsed.height is None:
-            continue
-        file_problems: list[tuple[str, str]] = []
-        boxes: list[Box] = []
-        for obj, x, y, w, h in convert_boxes(parsed.objects, parsed.width, parsed.height, options.voc_offset,
-                                             file_problems):
-            category = mapping.get(obj.name)
-            if category is None:
-                file_problems.append(("unknown_class", f"class {obj.name!r} is not in the labels file; skipped"))
-                continue
-            if obj.difficult and options.difficult == "drop":
-                file_problems.append(("difficult_dropped", f"a difficult {category} object was dropped"))
-                continue
-            iscrowd = 1 if obj.difficult and options.difficult == "crowd" else 0
-            boxes.append(Box(category, x, y, w, h, iscrowd, obj.difficult, obj.truncated))
-            per_class[category] += 1
-        for kind, detail in file_problems:
+        if parsed.boxes is None or parsed.width is None or parsed.height is None:
+            continue  # no size: reported as no_size
+        for kind, detail in parsed.problems:
             problems.add(kind, parsed.xml, detail)
-        if not boxes:
+        rows: list[AnnotationRow] = []
+        for name, text in parsed.boxes:
+            category = mapping.get(name)
+            if category is None:
+                problems.add("unknown_class", parsed.xml, f"class {name!r} is not in the labels file; skipped")
+                continue
+            rows.append((category, text))
+            per_class[category] += 1
+        if not rows:
             problems.add("no_objects", parsed.xml, "no usable objects (kept as an image without boxes)")
-        entries[stem] = ImageEntry(next_image_id, image, parsed.width, parsed.height, boxes, next_annotation_id)
+        entries[stem] = ImageEntry(next_image_id, image, parsed.width, parsed.height, rows, next_annotation_id)
         next_image_id += 1
-        next_annotation_id += len(boxes)
+        next_annotation_id += len(rows)
 
-    # Splits.
-    documents: dict[str, bytes] = {}
+    # Splits: decide membership first, then stream each document straight to its destination.
+    members_by_split: dict[str, list[ImageEntry]] = {}
     for split, ids in splits.items():
-        members = list(entries) if ids is None else ids
         chosen: list[ImageEntry] = []
-        for image_id in members:
+        for image_id in (list(entries) if ids is None else ids):
             entry = entries.get(image_id)
             if entry is not None:
                 chosen.append(entry)
@@ -384,7 +424,7 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
                 problems.add("missing_annotation", f"ImageSets/Main/{split}.txt",
                              f"id {image_id!r} has no Annotations/{image_id}.xml")
         chosen.sort(key=lambda e: e.id)
-        documents[split] = coco_document(chosen, categories, f"{split} split, converted from Pascal VOC")
+        members_by_split[split] = chosen
         result.split_images[split] = len(chosen)
         result.split_objects[split] = sum(len(e.boxes) for e in chosen)
 
@@ -396,16 +436,18 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     if options.strict and result.exit_code:
         say("not writing outputs: --strict and problems were found")
     else:
-        for split, document in documents.items():
+        for split, chosen in members_by_split.items():
             uri = storage.join(options.out, f"{split}.json")
-            storage.write_bytes(uri, document)
+            with storage.open_write(uri) as stream:
+                write_coco(stream, chosen, categories, f"{split} split, converted from Pascal VOC")
             result.outputs[split] = uri
     if options.report:
         storage.write_text(options.report, json.dumps(report_dict(result), indent=2, ensure_ascii=False) + "\n")
     return result
 
 
-def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems: _Problems) -> None:
+def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems: _Problems,
+                rules: BoxRules) -> None:
     """Width and height from the image header for annotations whose <size> is missing or zero."""
     def probe(item: tuple[Parsed, str]) -> tuple[int, int] | None:
         try:
@@ -421,6 +463,7 @@ def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems
             problems.add("no_size", parsed.xml, f"<size> is missing or zero and {image!r} has no readable header")
             continue
         parsed.width, parsed.height = size
+        parsed.finish(rules)
         problems.add("size_from_image", parsed.xml, f"<size> missing or zero; read {size[0]}x{size[1]} from {image}")
 
 

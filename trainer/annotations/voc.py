@@ -14,9 +14,11 @@ from __future__ import annotations
 import codecs
 import math
 import re
+import sys
 import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import defusedxml
 import defusedxml.ElementTree as SafeET
@@ -33,8 +35,9 @@ class VocError(Exception):
         self.kind = kind
 
 
-@dataclass(slots=True)
-class VocObject:
+class VocObject(NamedTuple):
+    """One object as written in the XML (coordinates not yet offset or clipped)."""
+
     name: str
     xmin: float
     ymin: float
@@ -56,6 +59,21 @@ class VocRecord:
 def normalise_name(name: str) -> str:
     """Class names are compared after stripping surrounding whitespace and Unicode NFC normalisation."""
     return unicodedata.normalize("NFC", name.strip())
+
+
+_label_cache: dict[str, str] = {}
+
+
+def _label(raw: str | None) -> str:
+    """normalise_name with a cache: a data set repeats a handful of names hundreds of thousands of times."""
+    if raw is None:
+        return ""
+    label = _label_cache.get(raw)
+    if label is None:
+        if len(_label_cache) > 100_000:
+            _label_cache.clear()
+        label = _label_cache[raw] = sys.intern(normalise_name(raw))
+    return label
 
 
 def to_utf8(data: bytes) -> bytes:
@@ -112,19 +130,13 @@ def _strip_namespaces(root: ET.Element) -> None:
             element.tag = element.tag.rpartition("}")[2]
 
 
-def _number(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)  # accepts surrounding whitespace, "12", "12.5", "1e2"
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _dimension(text: str | None) -> int | None:
-    value = _number(text)
-    if value is None or value <= 0 or value != int(value):
+    """A positive integral size ("640", " 640 ", "640.0"), or None."""
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value) or value <= 0 or value != int(value):
         return None
     return int(value)
 
@@ -169,8 +181,7 @@ def parse_voc(data: bytes) -> VocRecord:
 
 
 def _parse_object(element: ET.Element, problems: list[tuple[str, str]]) -> VocObject | None:
-    name = difficult = truncated = None
-    box = None
+    name = difficult = truncated = box = None
     parts = 0
     for child in element:  # direct children only: a <part> has its own <name> and <bndbox>
         tag = child.tag
@@ -186,23 +197,33 @@ def _parse_object(element: ET.Element, problems: list[tuple[str, str]]) -> VocOb
             parts += 1
     if parts:
         problems.append(("part_ignored", f"{parts} <part> sub-objects of one object are not objects"))
-    label = normalise_name(name or "")
+    label = _label(name)
     if not label:
         problems.append(("missing_name", "an <object> without a <name> was dropped"))
         return None
     if box is None:
         problems.append(("missing_bndbox", f"a {label!r} object without <bndbox> was dropped"))
         return None
-    coords = {"xmin": None, "ymin": None, "xmax": None, "ymax": None}
-    raw = {}
+    xmin = ymin = xmax = ymax = None
     for child in box:
-        if child.tag in coords:
-            raw[child.tag] = child.text
-            coords[child.tag] = _number(child.text)
-    if None in coords.values():
-        shown = ", ".join(f"{k}={raw.get(k)!r}" for k in coords)
-        problems.append(("bad_coordinate", f"a {label!r} box with a missing or non-numeric coordinate ({shown}) "
-                                           "was dropped"))
+        tag = child.tag
+        if tag == "xmin":
+            xmin = child.text
+        elif tag == "ymin":
+            ymin = child.text
+        elif tag == "xmax":
+            xmax = child.text
+        elif tag == "ymax":
+            ymax = child.text
+    try:
+        x0, y0, x1, y1 = float(xmin), float(ymin), float(xmax), float(ymax)  # type: ignore[arg-type]
+        valid = math.isfinite(x0 + y0 + x1 + y1)  # any nan or inf makes the sum non-finite
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        problems.append(("bad_coordinate", f"a {label!r} box with a missing or non-numeric coordinate "
+                                           f"(xmin={xmin!r}, ymin={ymin!r}, xmax={xmax!r}, ymax={ymax!r}) was dropped"))
         return None
-    return VocObject(label, coords["xmin"], coords["ymin"], coords["xmax"], coords["ymax"],  # type: ignore[arg-type]
-                     _flag(difficult, "difficult", problems), _flag(truncated, "truncated", problems))
+    d = 0 if difficult is None or difficult == "0" else 1 if difficult == "1" else _flag(difficult, "difficult", problems)
+    t = 0 if truncated is None or truncated == "0" else 1 if truncated == "1" else _flag(truncated, "truncated", problems)
+    return VocObject(label, x0, y0, x1, y1, d, t)

@@ -1,0 +1,225 @@
+"""`trainer convert` against a straightforward sequential ElementTree converter, in the same run.
+
+Generates a seeded synthetic Pascal VOC set (default 20,000 XML files, 1-30 objects each, 20 classes, train/val
+splits), then runs both converters as separate processes, from local disk and from the local S3 server, and
+prints wall time and peak memory (summed over the process tree: RSS and PSS, sampled every 10 ms) with ratios.
+Both outputs are checked to hold the same boxes. Run: ``.venv/bin/python bench/convert.py [--files N] [--no-s3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from trainer import storage  # noqa: E402
+from trainer.local_s3 import LocalS3Server  # noqa: E402
+
+CLASSES = [f"class_{i:02d}" for i in range(20)]
+
+# The baseline: what a user writes in an afternoon (and what public voc2coco scripts do), reading through
+# plain boto3 when the data is in S3. Kept inside the bench so the comparison is visible and fixed.
+BASELINE = textwrap.dedent('''
+    import json, os, sys, xml.etree.ElementTree as ET
+    root, out = sys.argv[1], sys.argv[2]
+    s3 = None
+    if root.startswith("s3://"):
+        import boto3
+        s3 = boto3.client("s3")
+        bucket, _, prefix = root[5:].partition("/")
+    def read(rel):
+        if s3 is None:
+            with open(os.path.join(root, rel), "rb") as f:
+                return f.read()
+        return s3.get_object(Bucket=bucket, Key=prefix + "/" + rel)["Body"].read()
+    for split in ("train", "val"):
+        ids = read(f"ImageSets/Main/{split}.txt").decode().split()
+        output = {"images": [], "type": "instances", "annotations": [], "categories": []}
+        label2id = {}
+        bnd_id = 1
+        for img_id, stem in enumerate(ids, start=1):
+            tree = ET.ElementTree(ET.fromstring(read(f"Annotations/{stem}.xml")))
+            ann_root = tree.getroot()
+            size = ann_root.find("size")
+            output["images"].append({"file_name": ann_root.findtext("filename"), "height": int(size.findtext("height")),
+                                     "width": int(size.findtext("width")), "id": img_id})
+            for obj in ann_root.findall("object"):
+                label = obj.findtext("name")
+                if label not in label2id:
+                    label2id[label] = len(label2id) + 1
+                bndbox = obj.find("bndbox")
+                xmin = float(bndbox.findtext("xmin"))
+                ymin = float(bndbox.findtext("ymin"))
+                xmax = float(bndbox.findtext("xmax"))
+                ymax = float(bndbox.findtext("ymax"))
+                w, h = xmax - xmin, ymax - ymin
+                output["annotations"].append({"area": w * h, "iscrowd": 0, "bbox": [xmin, ymin, w, h],
+                                              "category_id": label2id[label], "ignore": 0, "segmentation": [],
+                                              "image_id": img_id, "id": bnd_id})
+                bnd_id += 1
+        for label, label_id in label2id.items():
+            output["categories"].append({"supercategory": "none", "id": label_id, "name": label})
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"{split}.json"), "w") as f:
+            f.write(json.dumps(output))
+''')
+
+
+def generate(root: Path, files: int, seed: int) -> None:
+    rng = random.Random(seed)
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    stems = [f"img_{i:06d}" for i in range(files)]
+    for stem in stems:
+        width, height = rng.choice([(640, 480), (1024, 768), (800, 600)])
+        objects = []
+        for _ in range(rng.randint(1, 30)):
+            x0, y0 = rng.uniform(0, width - 20), rng.uniform(0, height - 20)
+            x1, y1 = rng.uniform(x0 + 2, width), rng.uniform(y0 + 2, height)
+            objects.append(
+                f"\t<object>\n\t\t<name>{rng.choice(CLASSES)}</name>\n\t\t<pose>Unspecified</pose>\n"
+                f"\t\t<truncated>0</truncated>\n\t\t<difficult>0</difficult>\n\t\t<bndbox>\n"
+                f"\t\t\t<xmin>{x0:.1f}</xmin>\n\t\t\t<ymin>{y0:.1f}</ymin>\n"
+                f"\t\t\t<xmax>{x1:.1f}</xmax>\n\t\t\t<ymax>{y1:.1f}</ymax>\n\t\t</bndbox>\n\t</object>\n")
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation>\n\t<folder>JPEGImages</folder>\n\t<filename>{stem}.jpg</filename>\n"
+            f"\t<source>\n\t\t<database>synthetic</database>\n\t</source>\n\t<size>\n\t\t<width>{width}</width>\n"
+            f"\t\t<height>{height}</height>\n\t\t<depth>3</depth>\n\t</size>\n\t<segmented>0</segmented>\n"
+            + "".join(objects) + "</annotation>\n")
+        (root / "JPEGImages" / f"{stem}.jpg").write_bytes(b"")  # listed only: sizes come from the XML
+    cut = files * 4 // 5
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(stems[:cut]) + "\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("\n".join(stems[cut:]) + "\n")
+
+
+def _tree(pid: int) -> list[int]:
+    pids = [pid]
+    try:
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            pids += _tree(int(child))
+    except OSError:
+        pass
+    return pids
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) in bytes summed over a process and its descendants."""
+    rss = pss = 0
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return rss, pss
+
+
+def measure(command: list[str], env: dict[str, str]) -> dict[str, float]:
+    peak = [0, 0]
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            rss, pss = _memory(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = proc.communicate(timeout=1800)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode not in (0,):
+        raise SystemExit(f"{command[:4]} failed ({proc.returncode}):\n{stderr.decode()[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mb": peak[0] / 1e6, "peak_pss_mb": peak[1] / 1e6}
+
+
+def same_boxes(ours: Path | str, base: Path) -> bool:
+    for split in ("train", "val"):
+        a = json.loads(storage.read_text(storage.join(str(ours), f"{split}.json")))
+        b = json.loads((base / f"{split}.json").read_text())
+        names_a = {c["id"]: c["name"] for c in a["categories"]}
+        names_b = {c["id"]: c["name"] for c in b["categories"]}
+        files_a = {i["id"]: i["file_name"] for i in a["images"]}
+        files_b = {i["id"]: i["file_name"] for i in b["images"]}
+        boxes_a = sorted((files_a[x["image_id"]], names_a[x["category_id"]], *[round(v, 4) for v in x["bbox"]])
+                         for x in a["annotations"])
+        boxes_b = sorted((files_b[x["image_id"]], names_b[x["category_id"]], *[round(v, 4) for v in x["bbox"]])
+                         for x in b["annotations"])
+        if boxes_a != boxes_b:
+            return False
+    return True
+
+
+def compare(label: str, root: str, out_ours: str, out_base: Path, env: dict[str, str], workers: int,
+            baseline_py: Path) -> dict[str, object]:
+    base = measure([sys.executable, str(baseline_py), root, str(out_base)], env)
+    ours = measure([sys.executable, "-m", "trainer", "convert", "--voc-root", root, "--out", out_ours,
+                    "--workers", str(workers), "--log-level", "WARNING"], env)
+    row = {"case": label, "ours": ours, "baseline": base, "speedup": base["wall_s"] / ours["wall_s"],
+           "rss_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"], "pss_ratio": ours["peak_pss_mb"] / base["peak_pss_mb"],
+           "same_boxes": same_boxes(out_ours, out_base)}
+    print(f"  {label:<11} ours {ours['wall_s']:6.2f} s  RSS {ours['peak_rss_mb']:6.0f} MB  PSS {ours['peak_pss_mb']:6.0f} MB"
+          f" | baseline {base['wall_s']:6.2f} s  RSS {base['peak_rss_mb']:6.0f} MB  PSS {base['peak_pss_mb']:6.0f} MB"
+          f" | {row['speedup']:.2f}x faster, memory x{row['pss_ratio']:.2f} (PSS) x{row['rss_ratio']:.2f} (RSS)"
+          f", same boxes: {row['same_boxes']}", flush=True)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="trainer convert vs a sequential ElementTree converter")
+    parser.add_argument("--files", type=int, default=20_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--no-s3", action="store_true", help="skip the S3 case")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        baseline_py = work / "baseline_convert.py"
+        baseline_py.write_text(BASELINE)
+        started = time.perf_counter()
+        generate(work / "voc", args.files, args.seed)
+        print(f"convert bench: {args.files} synthetic VOC files (seed {args.seed}) generated in "
+              f"{time.perf_counter() - started:.1f} s; {os.cpu_count()} CPUs, --workers {args.workers}")
+        env = dict(os.environ)
+        rows.append(compare("local disk", str(work / "voc"), str(work / "ours"), work / "base", env,
+                            args.workers, baseline_py))
+        if not args.no_s3:
+            with LocalS3Server("127.0.0.1") as server:
+                server.apply_env(env)
+                server.apply_env()
+                import boto3
+
+                boto3.client("s3", endpoint_url=server.endpoint_url).create_bucket(Bucket="bench")
+                storage.copy_tree(work / "voc" / "Annotations", "s3://bench/voc/Annotations")
+                storage.copy_tree(work / "voc" / "ImageSets", "s3://bench/voc/ImageSets")
+                storage.copy_tree(work / "voc" / "JPEGImages", "s3://bench/voc/JPEGImages")
+                rows.append(compare("S3 (moto)", "s3://bench/voc", "s3://bench/ours", work / "base-s3", env,
+                                    args.workers, baseline_py))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -383,10 +383,12 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     seen: Counter[str] = Counter()
     first_file: dict[str, str] = {}
     for parsed, _ in kept.values():
-        for name, *_ in parsed.boxes or ():
-            seen[name] += 1
-            first_file.setdefault(name, parsed.xml)
+        names = [box[0] for box in parsed.boxes or ()]
+        seen.update(names)
+        for name in set(names) - first_file.keys():
+            first_file[name] = parsed.xml
     categories, mapping = _settle_classes(seen, labels, problems, first_file)
+    renamed = {name for name, category in mapping.items() if category != name}  # case merges, unknown classes
 
     # Boxes → entries with global ids (sorted XML order), so ids are the same in every split.
     entries: dict[str, ImageEntry] = {}
@@ -398,14 +400,16 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
             continue  # no size: reported as no_size
         for kind, detail in parsed.problems:
             problems.add(kind, parsed.xml, detail)
-        rows: list[AnnotationRow] = []
-        for name, text in parsed.boxes:
-            category = mapping.get(name)
-            if category is None:
-                problems.add("unknown_class", parsed.xml, f"class {name!r} is not in the labels file; skipped")
-                continue
-            rows.append((category, text))
-            per_class[category] += 1
+        rows: list[AnnotationRow] = parsed.boxes  # (name, json) already: only renamed classes need work
+        if renamed and any(name in renamed for name, _ in rows):
+            rows = []
+            for name, text in parsed.boxes:
+                category = mapping.get(name)
+                if category is None:
+                    problems.add("unknown_class", parsed.xml, f"class {name!r} is not in the labels file; skipped")
+                    continue
+                rows.append((category, text))
+        per_class.update(category for category, _ in rows)
         if not rows:
             problems.add("no_objects", parsed.xml, "no usable objects (kept as an image without boxes)")
         entries[stem] = ImageEntry(next_image_id, image, parsed.width, parsed.height, rows, next_annotation_id)

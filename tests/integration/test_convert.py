@@ -190,6 +190,15 @@ def test_bad_files_are_reported_and_never_lose_the_good_ones(tmp_path: Path) -> 
                                                         "id 'ghost' has no Annotations/ghost.xml")
 
 
+def test_missing_images_are_warnings_that_strict_turns_into_a_failure(tmp_path: Path) -> None:
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)]),
+                                "b.xml": voc_xml("b.jpg", [("c", 1, 1, 5, 5)])}, ["a.jpg"])
+    relaxed = run_convert(tmp_path / "voc", tmp_path / "out")
+    assert relaxed.exit_code == 0 and kinds(relaxed) == {"missing_image": 1} and relaxed.split_images["all"] == 1
+    strict = run_convert(tmp_path / "voc", tmp_path / "strict", strict=True)
+    assert strict.exit_code == 1 and not (tmp_path / "strict").exists()
+
+
 def test_duplicate_claims_keep_the_first_xml_by_name(tmp_path: Path) -> None:
     make_voc(tmp_path / "voc", {"a.xml": voc_xml("x.jpg", [("c", 1, 1, 5, 5)]),
                                 "b.xml": voc_xml("x.jpg", [("c", 2, 2, 9, 9)])}, ["x.jpg"])

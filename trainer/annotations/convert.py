@@ -219,7 +219,7 @@ class _Problems:
         self.by_kind.setdefault(kind, []).append((file, detail))
 
 
-def _list_names(uri: str, what: str) -> dict[str, str]:
+def _list_names(uri: str) -> dict[str, str]:
     """basename → URI of the files directly inside a folder or prefix."""
     try:
         return {storage.basename(info.uri): info.uri
@@ -249,7 +249,7 @@ def read_labels(uri: str) -> list[str]:
 
 def read_splits(sets_dir: str, wanted: list[str] | None) -> dict[str, list[str]]:
     """split name → ids, from ImageSets/Main/<split>.txt (per-class files with two columns are not splits)."""
-    files = {name[:-4]: uri for name, uri in _list_names(sets_dir, "splits").items() if name.endswith(".txt")}
+    files = {name[:-4]: uri for name, uri in _list_names(sets_dir).items() if name.endswith(".txt")}
     splits: dict[str, list[str]] = {}
     for name in wanted if wanted is not None else sorted(files):
         if name not in files:
@@ -335,10 +335,10 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     result = ConvertResult(strict=options.strict)
 
     labels = read_labels(options.labels) if options.labels else None
-    xmls = {n: u for n, u in _list_names(ann_dir, "annotations").items() if n.lower().endswith(".xml")}
+    xmls = {n: u for n, u in _list_names(ann_dir).items() if n.lower().endswith(".xml")}
     if not xmls:
         raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
-    images = {n: u for n, u in _list_names(img_dir, "images").items() if _suffix(n) in IMAGE_EXTENSIONS}
+    images = {n: u for n, u in _list_names(img_dir).items() if _suffix(n) in IMAGE_EXTENSIONS}
     if not images:
         raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder)")
     by_stem: dict[str, list[str]] = {}

@@ -1,0 +1,180 @@
+"""Detection samples from a COCO index and an image root (a local folder or an s3:// prefix).
+
+A sample is addressed as ``dataset[(epoch, index)]`` (plain ``dataset[index]`` means epoch 0): the epoch travels
+with the index because DataLoader workers never see ``set_epoch`` calls made in the main process, and the
+augmentation of a sample is seeded from (seed, epoch, index) alone. ``__getitems__`` fetches a whole batch's
+objects concurrently, so per-request latency of an object store is hidden behind the decode of the others.
+
+A missing, truncated or undecodable image never stops a run: the next sample takes its place (so batch
+counts stay equal on every rank), it is counted in the batch's metadata and named in one warning; with
+``strict=True`` it is an error naming the object instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+
+from trainer import storage
+from trainer.data.coco_index import CocoIndex, DataError, ImageRecord
+
+log = logging.getLogger(__name__)
+
+# torchvision 0.29 announces that torchvision.io decoding will move to TorchCodec; it still works, and it is the
+# decoder this project standardises on until TorchCodec is a dependency we can pin.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+Key = int | tuple[int, int]
+
+
+@dataclass
+class SampleMeta:
+    """What the loader's counters need to know about one sample (travels with the batch)."""
+
+    uri: str
+    fetch_seconds: float
+    cache_hit: bool | None = None  # None: no cache configured
+    skipped: list[str] = field(default_factory=list)  # bad objects this sample replaced
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed seed for one sample's augmentation, independent of worker and process."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class ObjectSource:
+    """Where image bytes come from; the cache (if any) sits here, in front of the storage layer."""
+
+    def __init__(self, cache: Any | None = None) -> None:
+        self.cache = cache
+
+    def fetch(self, uri: str) -> tuple[bytes, bool | None]:
+        if self.cache is None:
+            return storage.read_bytes(uri), None
+        data = self.cache.get(uri)
+        if data is not None:
+            return data, True
+        data = storage.read_bytes(uri)
+        self.cache.put(uri, data)
+        return data, False
+
+
+class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]):
+    def __init__(self, index: CocoIndex, images_uri: str,
+                 transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None, *, seed: int = 0,
+                 drop_empty: bool = True, strict: bool = False, fetch_threads: int = 8,
+                 source: ObjectSource | None = None, max_substitutes: int = 16) -> None:
+        self.index = index
+        self.images_uri = images_uri
+        self.transforms = transforms
+        self.seed = seed
+        self.strict = strict
+        self.fetch_threads = max(1, fetch_threads)
+        self.source = source or ObjectSource()
+        self.max_substitutes = max_substitutes
+        # Like torchvision's references: images without a usable (non-crowd) box teach nothing to a detector.
+        self.records: list[ImageRecord] = [r for r in index.images if not drop_empty or r.training_box_count]
+        if not self.records:
+            raise DataError(f"{index.uri}: no images with usable boxes")
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def uri(self, index: int) -> str:
+        return storage.join(self.images_uri, self.records[index].file_name)
+
+    # ----------------------------------------------------------------------------------- fetching
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():  # never reuse a pool across fork
+            self._pool = ThreadPoolExecutor(self.fetch_threads, thread_name_prefix="fetch")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _fetch(self, index: int) -> tuple[bytes | Exception, float, bool | None]:
+        started = time.perf_counter()
+        try:
+            data, hit = self.source.fetch(self.uri(index))
+        except storage.StorageError as exc:
+            return exc, time.perf_counter() - started, None
+        return data, time.perf_counter() - started, hit
+
+    def __getitem__(self, key: Key) -> tuple[tv_tensors.Image, dict[str, Any], SampleMeta]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[Key]) -> list[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]:
+        pairs = [k if isinstance(k, tuple) else (0, int(k)) for k in keys]
+        indices = [i for _, i in pairs]
+        if len(indices) > 1 and self.fetch_threads > 1:
+            fetched = dict(zip(indices, self._threads().map(self._fetch, indices), strict=True))
+        else:
+            fetched = {i: self._fetch(i) for i in indices}
+        return [self._sample(epoch, index, fetched) for epoch, index in pairs]
+
+    # ------------------------------------------------------------------------------------ samples
+    def _sample(self, epoch: int, index: int,
+                fetched: dict[int, tuple[bytes | Exception, float, bool | None]]) -> tuple[Any, Any, SampleMeta]:
+        skipped: list[str] = []
+        for attempt in range(self.max_substitutes + 1):
+            current = (index + attempt) % len(self)
+            data, seconds, hit = fetched.pop(current, None) or self._fetch(current)
+            uri = self.uri(current)
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                image = self._decode(data, uri)
+            except (storage.StorageError, DataError) as exc:
+                if self.strict:
+                    raise DataError(f"{uri}: {exc}") from exc
+                skipped.append(uri)
+                if uri not in self._warned:
+                    self._warned.add(uri)
+                    log.warning("skipping unreadable image %s (%s); sample %d takes its place", uri, exc,
+                                (current + 1) % len(self))
+                continue
+            image_t, target = self._target_for(current, image, uri)
+            if self.transforms is not None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, current))
+                    image_t, target = self.transforms(image_t, target)
+            return image_t, target, SampleMeta(uri, seconds, hit, skipped)
+        raise DataError(f"{self.uri(index)}: this and the next {self.max_substitutes} images are all unreadable")
+
+    @staticmethod
+    def _decode(data: bytes, uri: str) -> torch.Tensor:
+        if not data:
+            raise DataError("empty object")
+        try:
+            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_image(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except (RuntimeError, ValueError) as exc:
+            raise DataError(f"cannot decode image ({str(exc).splitlines()[0][:200]})") from exc
+
+    def _target_for(self, index: int, image: torch.Tensor, uri: str) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        record = self.records[index]
+        height, width = image.shape[-2:]
+        if (height, width) != (record.height, record.width) and uri not in self._warned:
+            self._warned.add(uri)
+            log.warning("%s is %dx%d but %s says %dx%d; using the image's size", uri, width, height,
+                        self.index.uri, record.width, record.height)
+        keep = record.iscrowd == 0  # crowd boxes are for evaluation only
+        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(record.boxes[keep].copy()), format="XYXY",
+                                         canvas_size=(int(height), int(width)))
+        target = {"boxes": boxes, "labels": torch.from_numpy(record.labels[keep].copy()),
+                  "image_id": record.image_id}
+        return tv_tensors.Image(image), target

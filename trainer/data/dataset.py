@@ -29,6 +29,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from trainer import storage
 from trainer.data.coco_index import CocoIndex, DataError, ImageRecord
+from trainer.data.tiles import Tile, TileSpec, crop_to_tile, plan_tiles, visible_fraction
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
     def __init__(self, index: CocoIndex, images_uri: str,
                  transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None, *, seed: int = 0,
                  drop_empty: bool = True, strict: bool = False, fetch_threads: int = 8,
-                 source: ObjectSource | None = None, max_substitutes: int = 16) -> None:
+                 source: ObjectSource | None = None, max_substitutes: int = 16,
+                 tiles: TileSpec | None = None) -> None:
         self.index = index
         self.images_uri = images_uri
         self.transforms = transforms
@@ -86,18 +88,29 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
         self.source = source or ObjectSource()
         self.max_substitutes = max_substitutes
         # Like torchvision's references: images without a usable (non-crowd) box teach nothing to a detector.
+        self.tiles = tiles
         self.records: list[ImageRecord] = [r for r in index.images if not drop_empty or r.training_box_count]
-        if not self.records:
+        # One item per image, or per tile of an image; with drop_empty, tiles without a visible box are skipped.
+        self.items: list[tuple[int, Tile | None]] = []
+        for n, record in enumerate(self.records):
+            if tiles is None:
+                self.items.append((n, None))
+                continue
+            usable = record.boxes[record.iscrowd == 0]
+            for tile in plan_tiles(record.width, record.height, tiles):
+                if not drop_empty or (visible_fraction(usable, tile) >= tiles.min_visibility).any():
+                    self.items.append((n, tile))
+        if not self.items:
             raise DataError(f"{index.uri}: no images with usable boxes")
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.items)
 
     def uri(self, index: int) -> str:
-        return storage.join(self.images_uri, self.records[index].file_name)
+        return storage.join(self.images_uri, self.records[self.items[index][0]].file_name)
 
     # ----------------------------------------------------------------------------------- fetching
     def _threads(self) -> ThreadPoolExecutor:
@@ -166,7 +179,8 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
             raise DataError(f"cannot decode image ({str(exc).splitlines()[0][:200]})") from exc
 
     def _target_for(self, index: int, image: torch.Tensor, uri: str) -> tuple[tv_tensors.Image, dict[str, Any]]:
-        record = self.records[index]
+        record_index, tile = self.items[index]
+        record = self.records[record_index]
         height, width = image.shape[-2:]
         if (height, width) != (record.height, record.width) and uri not in self._warned:
             self._warned.add(uri)
@@ -177,4 +191,6 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
                                          canvas_size=(int(height), int(width)))
         target = {"boxes": boxes, "labels": torch.from_numpy(record.labels[keep].copy()),
                   "image_id": record.image_id}
+        if tile is not None and self.tiles is not None:
+            image, target = crop_to_tile(image, target, tile, self.tiles.min_visibility)
         return tv_tensors.Image(image), target

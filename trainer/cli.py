@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from trainer import __version__, storage
+from trainer.errors import InputError
 from trainer.logs import LEVELS, setup_logging
 
 log = logging.getLogger("trainer.cli")
@@ -75,20 +76,45 @@ def cmd_cp(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from trainer.annotations.convert import ConvertError, ConvertOptions, convert, summary_text
+    from trainer.annotations.convert import ConvertOptions, convert, summary_text
 
     options = ConvertOptions(
         voc_root=args.voc_root, out=args.out, all=args.all, labels=args.labels, voc_offset=args.voc_offset,
         difficult=args.difficult, strict=args.strict, workers=args.workers, report=args.report,
         splits=[s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None,
     )
-    try:
-        result = convert(options)
-    except ConvertError as exc:
-        print(f"trainer: error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    result = convert(options)
     print(summary_text(result), file=sys.stderr)
     return result.exit_code
+
+
+def _dataset(args: argparse.Namespace, transforms: object = None) -> object:
+    from trainer.data.coco_index import load_coco_index
+    from trainer.data.dataset import CocoDetection
+
+    return CocoDetection(load_coco_index(args.coco), args.images, transforms, drop_empty=False,  # type: ignore[arg-type]
+                         seed=getattr(args, "seed", 0))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from trainer.data.stats import channel_stats
+
+    dataset = _dataset(args)
+    log.info("computing per-channel mean/std over %d images with %d workers", len(dataset), args.workers)  # type: ignore[arg-type]
+    stats = channel_stats(dataset, workers=args.workers)  # type: ignore[arg-type]
+    log.info("%d images, %d pixels", stats.images, stats.pixels)
+    print(stats.as_yaml(), end="")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from trainer.data.show import render_grids
+    from trainer.data.transforms import build_transforms
+
+    dataset = _dataset(args, build_transforms(args.augment, train=True))
+    for uri in render_grids(dataset, args.out, count=args.n, epoch=args.epoch):  # type: ignore[arg-type]
+        print(uri)
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -138,6 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="parallel parser processes (the output does not depend on it)")
     conv.add_argument("--report", help="write every problem, file by file, as JSON to this path/URI")
     conv.set_defaults(func=cmd_convert)
+
+    data_args = argparse.ArgumentParser(add_help=False)
+    data_args.add_argument("--coco", required=True, help="COCO JSON (local or s3://)")
+    data_args.add_argument("--images", required=True, help="image root the file_names are relative to")
+
+    stats = sub.add_parser("stats", parents=[common, data_args],
+                           help="exact per-channel mean/std of a data set, printed in the config's format")
+    stats.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    stats.set_defaults(func=cmd_stats)
+
+    from trainer.data.transforms import PRESETS
+
+    show = sub.add_parser("show", parents=[common, data_args],
+                          help="PNG grids of samples with boxes and class names, after augmentation")
+    show.add_argument("--out", required=True, help="folder or s3:// prefix for the PNG files")
+    show.add_argument("--augment", choices=PRESETS, default="none", help="augmentation preset to apply")
+    show.add_argument("--n", type=int, default=16, help="how many samples (16 per grid)")
+    show.add_argument("--epoch", type=int, default=0, help="epoch whose augmentation draws to show")
+    show.add_argument("--seed", type=int, default=0)
+    show.set_defaults(func=cmd_show)
     return parser
 
 
@@ -154,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except storage.StorageError as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except InputError as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

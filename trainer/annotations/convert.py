@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trainer import storage
+from trainer.errors import InputError
 from trainer.annotations.coco import AnnotationRow, ImageEntry, write_coco
 from trainer.annotations.image_size import header_size
 from trainer.annotations.voc import VocError, VocObject, normalise_name, parse_voc
@@ -46,7 +47,7 @@ SEVERITY: dict[str, str] = {
 }
 
 
-class ConvertError(Exception):
+class ConvertError(InputError):
     """The conversion cannot run at all (missing folders, unreadable labels file, bad options)."""
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer import storage
+from trainer.errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad data set input: the message names the file or object and the problem."""
 
 

@@ -69,3 +69,35 @@ def test_s3_images_give_the_same_batches_as_local_ones(tmp_path: Path, s3: S3Env
     snapshot = stats.snapshot()
     assert stats.images == 12 and snapshot.skipped == 0 and snapshot.fetch_p95_ms >= snapshot.fetch_p50_ms > 0
     assert snapshot.cache_hit_rate is None
+
+
+def test_resume_mid_epoch_through_prefetching_workers_continues_the_same_batches(tmp_path: Path) -> None:
+    from trainer.data.sampler import ResumableDistributedBatchSampler
+
+    coco, images = simple_dataset(tmp_path, count=12)
+    ds = CocoDetection(load_coco_index(str(coco)), str(images), build_transforms("hflip"), seed=1)
+
+    def run(sampler: ResumableDistributedBatchSampler, steps: int | None = None) -> list:
+        loader = build_loader(ds, sampler, workers=2, prefetch_factor=2, persistent_workers=False)
+        out = []
+        for step, batch in enumerate(loader):
+            if steps is not None and step == steps:
+                break  # the workers have prefetched further than this
+            out.append(batch)
+        return out
+
+    def make() -> ResumableDistributedBatchSampler:
+        sampler = ResumableDistributedBatchSampler(len(ds), batch_size=2, num_replicas=1, rank=0, seed=4)
+        sampler.set_epoch(3)
+        return sampler
+
+    uninterrupted = run(make())
+    first = make()
+    before = run(first, steps=2)
+    state = first.state_dict(consumed_batches=2)
+    resumed_sampler = make()
+    resumed_sampler.load_state_dict(state)
+    after = run(resumed_sampler)
+    assert_same(uninterrupted, before + after)
+    assert [t["image_id"] for b in before + after for t in b[1]] == \
+        [t["image_id"] for b in uninterrupted for t in b[1]]

@@ -18,7 +18,8 @@ from trainer.data.transforms import PRESETS, build_transforms
 
 def dataset(root: Path, preset: str = "none", **kwargs: object) -> CocoDetection:
     coco, images = simple_dataset(root)
-    return CocoDetection(load_coco_index(str(coco)), str(images), build_transforms(preset), **kwargs)  # type: ignore[arg-type]
+    return CocoDetection(load_coco_index(str(coco)), str(images), build_transforms(preset, to_float=True),
+                         **kwargs)  # type: ignore[arg-type]
 
 
 def test_samples_have_float_images_xyxy_boxes_and_contiguous_labels(tmp_path: Path) -> None:
@@ -29,6 +30,12 @@ def test_samples_have_float_images_xyxy_boxes_and_contiguous_labels(tmp_path: Pa
     assert target["boxes"].tolist() == [[5, 6, 31, 30], [50, 11, 90, 50]]
     assert target["labels"].tolist() == [1, 2] and target["image_id"] == 2
     assert meta.uri.endswith("img_001.png") and meta.skipped == []
+    coco, images = simple_dataset(tmp_path / "u8")
+    raw = CocoDetection(load_coco_index(str(coco)), str(images), build_transforms("hflip"))[1][0]
+    assert raw.dtype == torch.uint8  # by default images cross process boundaries as uint8
+    normalised = CocoDetection(load_coco_index(str(coco)), str(images),
+                               build_transforms("none", mean=[0.5] * 3, std=[0.25] * 3))[1][0]
+    assert torch.allclose(normalised, (image - 0.5) / 0.25, atol=1e-6)
 
 
 def test_same_seed_same_tensors_and_epoch_changes_augmentation(tmp_path: Path) -> None:

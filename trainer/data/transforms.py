@@ -1,7 +1,9 @@
 """Augmentation presets built only from torchvision.transforms.v2 (box-aware; no hand-written geometry).
 
-Every preset ends with ``SanitizeBoundingBoxes`` (drops boxes that became degenerate, with their labels) and a
-conversion to float in [0, 1]; normalisation is left to the detector's own transform unless mean/std are given.
+Every preset ends with ``SanitizeBoundingBoxes`` (drops boxes that became degenerate, with their labels). Images
+stay uint8 by default: they cross from loader workers to the trainer 4x smaller than float32, and the training
+step converts them on the device (``to_float=True`` converts here instead, as torchvision's references do).
+Normalisation is left to the detector's own transform unless mean/std are given.
 Randomness comes from torch's global generator, which the dataset re-seeds per sample from
 (seed, epoch, sample index), so a sample is augmented the same way in any worker and after any restart.
 """
@@ -19,7 +21,8 @@ PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
 
 def build_transforms(preset: str, train: bool = True, *, lsj_size: int = 1024,
                      multiscale_sizes: Sequence[int] = tuple(range(480, 801, 32)), max_size: int = 1333,
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> v2.Compose:
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     to_float: bool = False) -> v2.Compose:
     """The v2 pipeline for a preset; evaluation (``train=False``) never augments."""
     if preset not in PRESETS:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -38,7 +41,9 @@ def build_transforms(preset: str, train: bool = True, *, lsj_size: int = 1024,
                   v2.RandomZoomOut(fill={tv_tensors.Image: (124, 116, 104), "others": 0}),  # ImageNet mean
                   v2.RandomIoUCrop(),
                   v2.RandomHorizontalFlip(p=0.5)]
-    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes(), v2.ToDtype(torch.float32, scale=True)]
+    steps += [v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+    if to_float or (mean is not None and std is not None):
+        steps.append(v2.ToDtype(torch.float32, scale=True))
     if mean is not None and std is not None:
         steps.append(v2.Normalize(mean=list(mean), std=list(std)))
     return v2.Compose(steps)

@@ -87,8 +87,8 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
         self.fetch_threads = max(1, fetch_threads)
         self.source = source or ObjectSource()
         self.max_substitutes = max_substitutes
-        # Like torchvision's references: images without a usable (non-crowd) box teach nothing to a detector.
         self.tiles = tiles
+        # Like torchvision's references: images without a usable (non-crowd) box teach nothing to a detector.
         self.records: list[ImageRecord] = [r for r in index.images if not drop_empty or r.training_box_count]
         # One item per image, or per tile of an image; with drop_empty, tiles without a visible box are skipped.
         self.items: list[tuple[int, Tile | None]] = []

@@ -1,0 +1,94 @@
+"""The run configuration: defaults, YAML, --set overrides with types, and one clear error per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Config, ConfigError, load_config, parse_override
+
+DATA = ["data.train.coco=s3://b/coco/train.json", "data.train.images=s3://b/JPEGImages"]
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_overrides_and_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+run: {name: bccd, dir: s3://bucket/runs}
+data:
+  train: {coco: s3://bucket/coco/train.json, images: s3://bucket/JPEGImages}
+  batch_size: 8
+model: {name: fasterrcnn_resnet50_fpn, weights: null}
+optim: {lr: 0.01}
+""")
+    config = load_config(path, ["optim.lr=0.005", "train.amp=false", "schedule.milestones=[8, 11]",
+                                "model.freeze=['backbone.body.layer1*']", "data.mean=[0.5, 0.5, 0.5]",
+                                "data.std=[0.2, 0.2, 0.2]"])
+    assert config.optim.lr == 0.005 and config.train.amp is False and config.schedule.milestones == [8, 11]
+    assert config.data.batch_size == 8 and config.data.workers == 4  # default kept
+    assert config.model.freeze == ["backbone.body.layer1*"] and config.data.mean == [0.5, 0.5, 0.5]
+    assert config.run_uri == "s3://bucket/runs/bccd"
+    assert isinstance(config.optim.momentum, float)
+
+
+def test_round_trip_through_yaml_and_stable_digest(tmp_path: Path) -> None:
+    config = load_config(None, DATA)
+    again = load_config(write(tmp_path, config.to_yaml()))
+    assert again == config and again.digest() == config.digest()
+    assert load_config(None, [*DATA, "optim.lr=0.03"]).digest() != config.digest()
+
+
+def test_integers_are_accepted_for_floats_and_numbers_as_names(tmp_path: Path) -> None:
+    config = load_config(None, [*DATA, "optim.lr=1", "run.name=2026"])
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float) and config.run.name == "2026"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lrr=0.1"], "optim.lrr: unknown key (did you mean 'lr'?)"),
+    (["optimiser.lr=0.1"], "optimiser: unknown key (did you mean 'optim'?)"),
+    (["optim.lr=-0.1"], "optim.lr: must be > 0, got -0.1"),
+    (["optim.lr=fast"], "optim.lr: expected a number, got 'fast'"),
+    (["data.batch_size=0"], "data.batch_size: must be at least 1, got 0"),
+    (["data.batch_size=2.5"], "data.batch_size: expected an integer, got 2.5"),
+    (["train.amp=maybe"], "train.amp: expected true or false, got 'maybe'"),
+    (["model.name=fasterrcnn_resnet50"], "model.name: unknown model 'fasterrcnn_resnet50' (did you mean"),
+    (["data.augment=mosaic"], "data.augment: unknown preset 'mosaic'"),
+    (["schedule.milestones=3"], "schedule.milestones: expected a list of int, got 3"),
+    (["data.mean=[0.5, 0.5, 0.5]"], "data.mean: data.mean and data.std go together"),
+    (["optim=0.1"], "optim: expected a mapping of OptimConfig keys, got 0.1"),
+    (["optim.lr.x=1"], "optim.lr: expected a number, got {'x': 1}"),
+    (["optim.lr=0.1", "optim.lr.x=1"], "optim.lr.x: 'lr' is a value, not a section"),
+    (["nonsense"], "expected KEY=VALUE"),
+])
+def test_each_mistake_is_one_clear_error(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*DATA, *overrides])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_data_locations_are_required() -> None:
+    with pytest.raises(ConfigError, match="data.train.coco: is required"):
+        load_config(None, [])
+    assert isinstance(load_config(None, [], require_data=False), Config)
+
+
+def test_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"run.yaml: not valid YAML \(line \d+, column \d+\): expected ',' or ']'"):
+        load_config(write(tmp_path, "run:\n  name: [unclosed\n"))
+    with pytest.raises(ConfigError, match="the top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match=r"run.yaml: model.nmae: unknown key \(did you mean 'name'\?\)"):
+        load_config(write(tmp_path, "model: {nmae: ssd300_vgg16}\n"), DATA)
+
+
+def test_parse_override_reads_yaml_scalars() -> None:
+    assert parse_override("a.b=0.01") == ("a.b", 0.01)
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=s3://x/y") == ("a.b", "s3://x/y")
+    assert parse_override("a.b=") == ("a.b", "")

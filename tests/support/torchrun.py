@@ -1,0 +1,27 @@
+"""Run real torchrun process groups on loopback only (gloo on lo, rendezvous on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.local_s3 import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def torchrun(script: Path | str, *args: str, nproc: int = 2, max_restarts: int = 0, timeout: float = 300,
+             env: dict[str, str] | None = None, module: bool = False) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node=N`` on this machine, every socket on 127.0.0.1."""
+    port = free_port()
+    full_env = dict(os.environ if env is None else env)
+    full_env.update({"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+                     "PYTHONPATH": str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1",
+               f"--max-restarts={max_restarts}", "--monitor-interval=0.5"]
+    command += ["-m", str(script)] if module else [str(script)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO)

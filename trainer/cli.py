@@ -117,6 +117,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from trainer.synth import make_shapes_dataset
+
+    if args.n < 2 or args.size < 32:
+        raise InputError("--n must be at least 2 and --size at least 32")
+    result = make_shapes_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
+    log.info("wrote %d train and %d val images (%d shapes): %s, %s, images under %s", result.train_images,
+             result.val_images, result.objects, result.train_uri, result.val_uri, result.images_uri)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parsing
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -184,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--epoch", type=int, default=0, help="epoch whose augmentation draws to show")
     show.add_argument("--seed", type=int, default=0)
     show.set_defaults(func=cmd_show)
+
+    synth = sub.add_parser("synth", parents=[common],
+                           help="generate a COCO data set of coloured shapes (a quick proof that training learns)")
+    synth.add_argument("--out", required=True, help="folder or s3:// prefix: train.json, val.json, images/")
+    synth.add_argument("--n", type=int, default=400, help="number of images (20%% go to val)")
+    synth.add_argument("--size", type=int, default=192, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=cmd_synth)
     return parser
 
 

@@ -1,0 +1,63 @@
+"""The training progress line: one formatter and, beside it, the one parser (``trainer watch`` reads logs back).
+
+Example (the rank tag and time come from the logging setup)::
+
+    epoch 3/24 step 120/500 loss 0.8123 [loss_classifier 0.2100 loss_box_reg 0.3000] lr 0.0200 img/s 45.2
+    data 12% eta 1:23:45 mem 3.21G
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ProgressLine:
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    terms: dict[str, float] = field(default_factory=dict)
+    lr: float = 0.0
+    images_per_s: float = 0.0
+    data_wait: float = 0.0  # share of step time spent waiting for the loader, 0..1
+    eta_s: float = 0.0
+    max_mem_gb: float | None = None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{days}d{text}" if days else text
+
+
+def format_progress(line: ProgressLine) -> str:
+    terms = " ".join(f"{name} {value:.4f}" for name, value in line.terms.items())
+    memory = f" mem {line.max_mem_gb:.2f}G" if line.max_mem_gb is not None else ""
+    return (f"epoch {line.epoch}/{line.epochs} step {line.step}/{line.steps} loss {line.loss:.4f} [{terms}] "
+            f"lr {line.lr:.6g} img/s {line.images_per_s:.1f} data {line.data_wait * 100:.0f}% "
+            f"eta {format_duration(line.eta_s)}{memory}")
+
+
+_PATTERN = re.compile(
+    r"epoch (?P<epoch>\d+)/(?P<epochs>\d+) step (?P<step>\d+)/(?P<steps>\d+) loss (?P<loss>\S+) "
+    r"\[(?P<terms>[^\]]*)\] lr (?P<lr>\S+) img/s (?P<ips>\S+) data (?P<data>\d+)% "
+    r"eta (?:(?P<days>\d+)d)?(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d)(?: mem (?P<mem>[\d.]+)G)?")
+
+
+def parse_progress(text: str) -> ProgressLine | None:
+    """The progress line inside a log line (any prefix, e.g. a timestamp or rank tag), or None."""
+    match = _PATTERN.search(text)
+    if match is None:
+        return None
+    parts = match["terms"].split()
+    terms = {parts[i]: float(parts[i + 1]) for i in range(0, len(parts) - 1, 2)}
+    eta = int(match["days"] or 0) * 86400 + int(match["h"]) * 3600 + int(match["m"]) * 60 + int(match["s"])
+    return ProgressLine(int(match["epoch"]), int(match["epochs"]), int(match["step"]), int(match["steps"]),
+                        float(match["loss"]), terms, float(match["lr"]), float(match["ips"]),
+                        int(match["data"]) / 100, float(eta), float(match["mem"]) if match["mem"] else None)

@@ -1,0 +1,447 @@
+"""The registry of torchvision detectors: build one by name, load weights from a URI, freeze parameters.
+
+Models are always constructed with ``weights=None, weights_backbone=None``: this module never downloads
+anything. Pretrained weights come from ``model.weights`` (a local path, ``s3://``, ``https://`` or a torchvision
+weights name found in the torch hub cache) and are read with ``torch.load(weights_only=True)`` only, so a
+checkpoint cannot run code.
+
+Building from scratch and then loading weights would lose two things torchvision does when it builds a
+pretrained model, so we redo them here, and a config behaves as the torchvision documentation says:
+
+* ``trainable_backbone_layers`` is honoured with or without weights (torchvision ignores it from scratch): we
+  freeze backbone stages by parameter name (see ``backbone_stages``; a unit test checks the names against
+  torchvision's own freezing for every family and every value). ``null`` means torchvision's default: the
+  whole backbone trains from scratch; with weights, the last 3 stages of ResNet/MobileNet FPN models, 4 of
+  VGG (SSD300) and all 6 of SSDlite train.
+* with weights, the models torchvision builds with ``FrozenBatchNorm2d`` when pretrained (Faster R-CNN
+  ResNet50 and MobileNetV3 FPN, RetinaNet and FCOS v1) get the same frozen batch norm in the backbone, as their
+  COCO weights were trained with it and detection batches are too small to train batch norm. The v2 models,
+  SSD300 and SSDlite keep trainable batch norm, as in torchvision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import http.client
+import io
+import logging
+import os
+import pickle
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import detection, get_weight
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from trainer import storage
+from trainer.config import SUPPORTED_MODELS, ModelConfig
+from trainer.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Stages a backbone family has (the range of trainable_backbone_layers is 0..this).
+FAMILY_STAGES = {"resnet": 5, "mobilenet": 6, "vgg": 5, "ssdlite": 6}
+HTTPS_TIMEOUT_S = 120
+_WEIGHTS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*_Weights\.[A-Za-z][A-Za-z0-9_]*")
+_HUB_HASH = re.compile(r"-([a-f0-9]{6,64})\.")  # torch hub file names carry a sha256 prefix
+_DDP_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and torch.compile wrappers
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one detector and what torchvision does for it when it is pretrained."""
+
+    builder: Callable[..., nn.Module]
+    family: str  # backbone family: resnet | mobilenet | vgg | ssdlite
+    uses_size: bool  # the transform honours min_size/max_size (SSD models resize to a fixed size)
+    frozen_bn_with_weights: bool  # torchvision uses FrozenBatchNorm2d in the backbone when pretrained
+    trainable_with_weights: int  # torchvision's default trainable_backbone_layers when pretrained
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "fasterrcnn_resnet50_fpn": ModelSpec(detection.fasterrcnn_resnet50_fpn, "resnet", True, True, 3),
+    "fasterrcnn_resnet50_fpn_v2": ModelSpec(detection.fasterrcnn_resnet50_fpn_v2, "resnet", True, False, 3),
+    "fasterrcnn_mobilenet_v3_large_fpn": ModelSpec(
+        detection.fasterrcnn_mobilenet_v3_large_fpn, "mobilenet", True, True, 3),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ModelSpec(
+        detection.fasterrcnn_mobilenet_v3_large_320_fpn, "mobilenet", True, True, 3),
+    "retinanet_resnet50_fpn": ModelSpec(detection.retinanet_resnet50_fpn, "resnet", True, True, 3),
+    "retinanet_resnet50_fpn_v2": ModelSpec(detection.retinanet_resnet50_fpn_v2, "resnet", True, False, 3),
+    "fcos_resnet50_fpn": ModelSpec(detection.fcos_resnet50_fpn, "resnet", True, True, 3),
+    "ssd300_vgg16": ModelSpec(detection.ssd300_vgg16, "vgg", False, False, 4),
+    "ssdlite320_mobilenet_v3_large": ModelSpec(detection.ssdlite320_mobilenet_v3_large, "ssdlite", False, False, 6),
+}
+# One source of truth for model names: the config validates against SUPPORTED_MODELS, we build from REGISTRY.
+if set(REGISTRY) != set(SUPPORTED_MODELS) or len(REGISTRY) != len(SUPPORTED_MODELS):
+    raise RuntimeError(f"trainer.models.REGISTRY {sorted(REGISTRY)} differs from SUPPORTED_MODELS "
+                       f"{sorted(SUPPORTED_MODELS)}")
+
+
+# ------------------------------------------------------------------------------------------- building
+def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
+    """The detector ``config.name`` with ``num_classes`` outputs (background included, as torchvision counts).
+
+    Order: build from scratch, apply the freezing options (config mistakes fail before any download), then
+    load ``config.weights`` if given.
+    """
+    spec = _spec(config.name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise InputError(f"num_classes must be at least 2 (background + one class), got {num_classes!r}")
+    trainable_layers = resolve_trainable_layers(config)
+
+    kwargs: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if spec.uses_size:
+        kwargs.update(min_size=config.min_size, max_size=config.max_size)
+    else:
+        side = 300 if spec.family == "vgg" else 320
+        log.info("%s resizes every image to %dx%d (fixed by the architecture); model.min_size=%d and "
+                 "model.max_size=%d are ignored", config.name, side, side, config.min_size, config.max_size)
+    model = spec.builder(**kwargs)
+
+    if config.weights and spec.frozen_bn_with_weights:
+        converted = freeze_batchnorm(model.backbone.body)  # type: ignore[union-attr,arg-type]
+        log.debug("%s: %d backbone batch-norm layers frozen (as torchvision does for pretrained models)",
+                  config.name, converted)
+    frozen_stages = freeze_backbone_layers(model, config.name, trainable_layers)
+    if frozen_stages and not config.weights:
+        log.warning("%s: model.trainable_backbone_layers=%d freezes %d backbone stages but no weights are "
+                    "loaded, so they keep their random initial values", config.name, trainable_layers, frozen_stages)
+    freeze(model, config.freeze, model_name=config.name)
+    if config.weights:
+        load_weights(model, config.weights, model_name=config.name)
+
+    trainable, total = count_parameters(model)
+    tensors = list(model.parameters())
+    log.info("%s: %d of %d parameters (%.1f M of %.1f M values) train", config.name,
+             sum(p.requires_grad for p in tensors), len(tensors), trainable / 1e6, total / 1e6)
+    return model
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise InputError(f"model.name: unknown model {name!r}; choose one of {', '.join(REGISTRY)}") from None
+
+
+def resolve_trainable_layers(config: ModelConfig) -> int:
+    """How many backbone stages train: the configured value (validated), or torchvision's default."""
+    spec = _spec(config.name)
+    top = FAMILY_STAGES[spec.family]
+    value = config.trainable_backbone_layers
+    if value is None:
+        return spec.trainable_with_weights if config.weights else top
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise InputError(f"model.trainable_backbone_layers: {value!r} is out of range for {config.name}, whose "
+                         f"{spec.family} backbone has {top} stages: use 0 (all frozen) to {top} (all trainable)")
+    return value
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter values, to log and to check what freezing did."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        total += parameter.numel()
+        if parameter.requires_grad:
+            trainable += parameter.numel()
+    return trainable, total
+
+
+# ------------------------------------------------------------------------------------------- freezing
+def backbone_stages(model: nn.Module, model_name: str) -> list[list[str]]:
+    """Parameter-name prefixes of each backbone stage, input side first, as torchvision's extractors count them.
+
+    ``trainable_backbone_layers = k`` trains the last ``k`` stages and freezes the others (FPN, extra layers and
+    heads always train). Per family:
+
+    * ResNet (Faster R-CNN, RetinaNet, FCOS): ``backbone.body.{conv1,bn1}``, then ``backbone.body.layer1`` ..
+      ``layer4`` (5 stages).
+    * MobileNetV3 FPN: ``backbone.body.<i>`` are the MobileNet feature blocks; a stage starts at block 0, at
+      each strided block (torchvision marks them ``_is_cn``) and at the last block: 0-1, 2-3, 4-6, 7-12, 13-15,
+      16 (6 stages).
+    * VGG16 (SSD300): a stage ends at each max-pool: ``backbone.features.<0-3>``, ``<4-8>``, ``<9-15>``,
+      ``<16-22>``, and conv5, which SSD moved to ``backbone.extra.0.<0-6>`` (5 stages; the new fc6/fc7 in
+      ``backbone.extra.0.7`` are not part of the backbone).
+    * SSDlite MobileNetV3: like MobileNet FPN, but SSDlite splits the features at block 13 (C4):
+      ``backbone.features.0.<0-12>`` are blocks 0-12, ``backbone.features.0.13`` plus ``backbone.features.1.0``
+      are block 13, ``backbone.features.1.<1-3>`` are blocks 14-16 (6 stages).
+    """
+    family = _spec(model_name).family
+    backbone: Any = model.backbone
+    if family == "resnet":
+        return [["backbone.body.conv1.", "backbone.body.bn1."]] + [[f"backbone.body.layer{i}."] for i in range(1, 5)]
+    if family == "mobilenet":
+        blocks = list(backbone.body.named_children())
+        starts = [0] + [i for i, (_, b) in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
+        ends = starts[1:] + [len(blocks)]
+        return [[f"backbone.body.{blocks[i][0]}." for i in range(s, e)] for s, e in zip(starts, ends)]
+    if family == "vgg":
+        features = backbone.features
+        starts = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] + [len(features)]
+        stages = [[f"backbone.features.{i}." for i in range(s, e)] for s, e in zip(starts, starts[1:])]
+        conv5 = len(backbone.extra[0]) - 1  # pool4, conv5_1..conv5_3 with their ReLUs, then the fc6/fc7 block
+        return stages + [[f"backbone.extra.0.{j}." for j in range(conv5)]]
+    if family == "ssdlite":
+        head, tail = backbone.features[0], backbone.features[1]
+        c4 = len(head) - 1  # the first half holds blocks 0..c4-1 and the expansion of block c4
+
+        def prefixes(i: int) -> list[str]:
+            if i < c4:
+                return [f"backbone.features.0.{i}."]
+            if i == c4:
+                return [f"backbone.features.0.{c4}.", "backbone.features.1.0."]
+            return [f"backbone.features.1.{i - c4}."]
+
+        last = c4 + len(tail) - 1
+        starts = [0] + [i for i in range(c4) if getattr(head[i], "_is_cn", False)] + [c4, last]
+        ends = starts[1:] + [last + 1]
+        return [[p for i in range(s, e) for p in prefixes(i)] for s, e in zip(starts, ends)]
+    raise AssertionError(f"unknown backbone family {family}")
+
+
+def freeze_backbone_layers(model: nn.Module, model_name: str, trainable_layers: int) -> int:
+    """Freeze all backbone stages but the last ``trainable_layers``; returns how many stages were frozen.
+
+    torchvision applies ``trainable_backbone_layers`` only when it loads backbone weights itself; doing it by
+    name here makes the option work the same way with weights from a URI and from scratch.
+    """
+    stages = backbone_stages(model, model_name)
+    if not 0 <= trainable_layers <= len(stages):
+        raise InputError(f"model.trainable_backbone_layers: {trainable_layers} is out of range for {model_name}: "
+                         f"use 0 to {len(stages)}")
+    names = [name for name, _ in model.named_parameters()]
+    for index, prefixes in enumerate(stages):
+        if not any(name.startswith(tuple(prefixes)) for name in names):  # torchvision changed its module layout
+            raise RuntimeError(f"{model_name}: backbone stage {index} ({prefixes[0]}...) has no parameters")
+    frozen = tuple(p for prefixes in stages[: len(stages) - trainable_layers] for p in prefixes)
+    if frozen:
+        for name, parameter in model.named_parameters():
+            if name.startswith(frozen):
+                parameter.requires_grad_(False)
+    return len(stages) - trainable_layers
+
+
+def freeze(model: nn.Module, patterns: Iterable[str], model_name: str | None = None) -> list[str]:
+    """Set ``requires_grad=False`` on parameters whose names match any fnmatch pattern; returns their names.
+
+    Every pattern must match something: a typo must not silently train everything.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    matched: set[str] = set()
+    for pattern in patterns:
+        hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not hits:
+            groups = sorted({".".join(name.split(".")[:2]) + ".*" for name in names})
+            raise InputError(f"model.freeze: pattern {pattern!r} matches no parameter of "
+                             f"{model_name or type(model).__name__} (names start with: {', '.join(groups)})")
+        matched.update(hits)
+    for name, parameter in model.named_parameters():
+        if name in matched:
+            parameter.requires_grad_(False)
+    return [name for name in names if name in matched]
+
+
+def freeze_batchnorm(module: nn.Module) -> int:
+    """Replace every ``BatchNorm2d`` under ``module`` with ``FrozenBatchNorm2d`` (statistics and affine kept).
+
+    The eps is torchvision's FrozenBatchNorm2d default, as in the pretrained models torchvision builds.
+    """
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features)
+            with torch.no_grad():
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                if child.running_mean is not None and child.running_var is not None:
+                    frozen.running_mean.copy_(child.running_mean)
+                    frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+            count += 1
+        else:
+            count += freeze_batchnorm(child)
+    return count
+
+
+# -------------------------------------------------------------------------------------------- weights
+@dataclass
+class LoadReport:
+    """What ``load_weights`` did with each tensor of the checkpoint and of the model."""
+
+    uri: str
+    loaded: list[str] = field(default_factory=list)
+    # (name, shape in the checkpoint, shape in the model): skipped, left as the model initialised them
+    reinitialised: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the model, not in the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in the model
+
+    def counts(self) -> dict[str, int]:
+        return {"loaded": len(self.loaded), "reinitialised": len(self.reinitialised),
+                "missing": len(self.missing), "unexpected": len(self.unexpected)}
+
+    def summary(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors from {self.uri}"]
+        if self.reinitialised:
+            shown = ", ".join(f"{name} {list(old)} -> {list(new)}" for name, old, new in self.reinitialised[:4])
+            more = ", ..." if len(self.reinitialised) > 4 else ""
+            parts.append(f"re-initialised {len(self.reinitialised)} with a different shape ({shown}{more})")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing, left initialised ({_some(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected, ignored ({_some(self.unexpected)})")
+        return "; ".join(parts)
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def load_weights(model: nn.Module, uri: str, model_name: str | None = None) -> LoadReport:
+    """Load a checkpoint into ``model`` by name; tensors whose shape differs are skipped and reported.
+
+    ``uri``: a local path, ``file://``, ``s3://`` or ``https://`` URI, or a torchvision weights name (e.g.
+    ``FasterRCNN_ResNet50_FPN_Weights.COCO_V1``) already in the torch hub cache. The file may hold a state dict,
+    or a dict with one under ``"model"`` or ``"state_dict"``; ``module.`` prefixes (DDP) are dropped. Skipping
+    mismatched shapes is what makes fine-tuning work: a COCO head (91 classes) is left freshly initialised for
+    a model with another class count. Zero matching tensors means the wrong architecture, an error.
+    """
+    what = model_name or type(model).__name__
+    state = read_state_dict(uri)
+    own = model.state_dict()
+    report = LoadReport(uri)
+    usable: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        target = own.get(key)
+        if target is None:
+            if not key.endswith("num_batches_tracked"):  # absent by design from FrozenBatchNorm2d
+                report.unexpected.append(key)
+        elif tensor.shape != target.shape:
+            report.reinitialised.append((key, tuple(tensor.shape), tuple(target.shape)))
+        else:
+            usable[key] = tensor
+            report.loaded.append(key)
+    report.missing = [key for key in own if key not in state and not key.endswith("num_batches_tracked")]
+    if not usable:
+        raise InputError(
+            f"cannot load weights from {uri}: nothing matched: none of its {len(state)} tensors fits {what} "
+            f"(it has {_some(list(state), 2)}; the model has {_some(list(own), 2)}); "
+            "are these weights for another architecture?")
+    model.load_state_dict(usable, strict=False)
+    log.log(logging.WARNING if report.missing or report.unexpected else logging.INFO, "%s: %s", what,
+            report.summary())
+    return report
+
+
+def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint at ``uri`` (see ``load_weights``), read without running any pickled code."""
+    data, source = _fetch(uri)
+    obj = _safe_load(data, source)
+    if isinstance(obj, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise InputError(f"cannot load weights from {source}: it holds a {type(obj).__name__}, not a state dict")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        if isinstance(key, str) and isinstance(value, torch.Tensor):
+            for prefix in _DDP_PREFIXES:
+                key = key.removeprefix(prefix)
+            state[key] = value
+    if not state:
+        raise InputError(f"cannot load weights from {source}: no tensors in it (keys: {_some([str(k) for k in obj])})")
+    return state
+
+
+def _fetch(uri: str) -> tuple[bytes, str]:
+    """The file's bytes and the name to use in messages."""
+    if _WEIGHTS_NAME.fullmatch(uri) and not os.path.exists(uri):
+        return _cached_torchvision_weights(uri)
+    if uri.lower().startswith("https://"):
+        return _fetch_https(uri), uri
+    if "://" in uri and not (storage.is_s3(uri) or uri.startswith("file://")):
+        raise InputError(f"cannot load weights from {uri}: unsupported scheme; use a local path, s3://, https:// "
+                         "or a torchvision weights name like FasterRCNN_ResNet50_FPN_Weights.COCO_V1")
+    try:
+        return storage.read_bytes(uri), uri
+    except storage.StorageError as exc:
+        raise InputError(f"cannot load weights from {exc}") from exc
+
+
+def _fetch_https(uri: str) -> bytes:
+    request = urllib.request.Request(uri, headers={"User-Agent": "detection-trainer"})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTPS_TIMEOUT_S) as response:  # noqa: S310 - https only
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        raise InputError(f"cannot load weights from {uri}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise InputError(f"cannot load weights from {uri}: download failed ({reason})") from exc
+
+
+def _cached_torchvision_weights(name: str) -> tuple[bytes, str]:
+    """A torchvision weights file, only if the torch hub cache already has it: we never download."""
+    try:
+        weights = get_weight(name)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise InputError(f"cannot load weights {name}: not a torchvision weights name ({exc})") from exc
+    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.isfile(path):
+        raise InputError(
+            f"cannot load weights {name}: it is not in the torch hub cache ({path}) and cannot be downloaded "
+            f"here (the trainer never downloads weights); fetch {weights.url} yourself and pass its path or "
+            "s3:// URI as model.weights, or place it in that cache")
+    try:
+        data = storage.read_bytes(path)
+    except storage.StorageError as exc:
+        raise InputError(f"cannot load weights {name} from {exc}") from exc
+    expected = _HUB_HASH.search(filename)
+    if expected and not hashlib.sha256(data).hexdigest().startswith(expected.group(1)):
+        raise InputError(f"cannot load weights {name}: the cached file {path} does not match its checksum "
+                         f"({expected.group(1)}...); delete it and fetch it again")
+    return data, path
+
+
+def _safe_load(data: bytes, source: str) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors and plain containers only, never code).
+
+    ``argparse.Namespace`` is allowed too: torchvision's reference scripts store their arguments in it, and it
+    only holds attributes.
+    """
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            # plain pickles (protocol > 2) make torch warn before it refuses or loads them; the outcome is what counts
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, truncated pickle, refused global, ...: all mean "not loadable"
+        raise InputError(f"cannot load weights from {source}: {_why(exc)}") from exc
+
+
+def _why(exc: BaseException) -> str:
+    """One line out of torch.load's multi-line errors."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        lines = [line.strip() for line in text.splitlines()
+                 if line.strip() and not line.strip().startswith(boilerplate)]
+        detail = lines[0].removeprefix("WeightsUnpickler error:").strip() if lines else "refused"
+        detail = re.sub(r" was not an allowed global.*", "", detail)
+        return (f"refused by the safe loader, torch.load(weights_only=True) ({detail[:160]}): the file is corrupt, "
+                "not a PyTorch checkpoint, or needs code to run to load; save only tensors, e.g. "
+                "torch.save(model.state_dict(), path)")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"not a readable PyTorch checkpoint ({type(exc).__name__}: {first[:200]})"

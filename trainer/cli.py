@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from trainer import __version__, storage
+from trainer.config import AUGMENT_PRESETS
 from trainer.errors import InputError
 from trainer.logs import LEVELS, setup_logging
 
@@ -185,12 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     stats.set_defaults(func=cmd_stats)
 
-    from trainer.data.transforms import PRESETS
-
     show = sub.add_parser("show", parents=[common, data_args],
                           help="PNG grids of samples with boxes and class names, after augmentation")
     show.add_argument("--out", required=True, help="folder or s3:// prefix for the PNG files")
-    show.add_argument("--augment", choices=PRESETS, default="none", help="augmentation preset to apply")
+    show.add_argument("--augment", choices=AUGMENT_PRESETS, default="none", help="augmentation preset to apply")
     show.add_argument("--n", type=int, default=16, help="how many samples (16 per grid)")
     show.add_argument("--epoch", type=int, default=0, help="epoch whose augmentation draws to show")
     show.add_argument("--seed", type=int, default=0)

@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer import storage
 from trainer.config import Config, load_config
+from trainer.data.cache import DiskCache
 from trainer.data.coco_index import load_coco_index
-from trainer.data.dataset import CocoDetection
+from trainer.data.dataset import CocoDetection, ObjectSource
 from trainer.data.loader import LoaderStats, build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler, aspect_ratio_group_ids
 from trainer.data.tiles import TileSpec
@@ -77,7 +78,9 @@ def build_train_data(config: Config, env: DistEnv) -> tuple[CocoDetection, Resum
         index, config.data.train.images,
         build_transforms(config.data.augment, train=True, mean=config.data.mean, std=config.data.std),
         seed=config.train.seed, strict=config.data.strict,
-        tiles=TileSpec(tiles.size, tiles.overlap, tiles.min_visibility) if tiles.enabled else None)
+        tiles=TileSpec(tiles.size, tiles.overlap, tiles.min_visibility) if tiles.enabled else None,
+        source=ObjectSource(DiskCache(config.data.cache_dir, int(config.data.cache_gb * 1e9)))
+        if config.data.cache_dir else None)
     groups = None
     if config.data.aspect_ratio_groups > 0 and not tiles.enabled:
         groups = aspect_ratio_group_ids([r.width for r in dataset.records], [r.height for r in dataset.records],

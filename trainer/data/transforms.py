@@ -16,7 +16,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
+from trainer.config import AUGMENT_PRESETS as PRESETS  # one list of preset names, shared with the config
 
 
 def build_transforms(preset: str, train: bool = True, *, lsj_size: int = 1024,

@@ -92,3 +92,9 @@ def test_parse_override_reads_yaml_scalars() -> None:
     assert parse_override("a.b=null") == ("a.b", None)
     assert parse_override("a.b=s3://x/y") == ("a.b", "s3://x/y")
     assert parse_override("a.b=") == ("a.b", "")
+
+
+@pytest.mark.parametrize("name", ["bccd_frcnn.yaml", "tiny_cpu.yaml", "shapes.yaml"])
+def test_example_configs_are_valid(name: str) -> None:
+    config = load_config(str(Path(__file__).resolve().parents[2] / "configs" / name))
+    assert config.data.train.coco.endswith("train.json") and config.data.val.coco.endswith("val.json")

@@ -13,17 +13,23 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from trainer import __version__, storage
 from trainer.config import AUGMENT_PRESETS
 from trainer.errors import InputError
 from trainer.logs import LEVELS, setup_logging
 
+if TYPE_CHECKING:  # the data modules import torch: only the commands that need them load them
+    from trainer.data.dataset import CocoDetection
+
 log = logging.getLogger("trainer.cli")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Parallel processes for convert/stats: every core, but not so many that a big node starves its neighbours.
+PROCESS_WORKERS = max(1, min(8, os.cpu_count() or 1))  # as ConvertOptions.workers
 
 
 def _human(size: float) -> str:
@@ -89,11 +95,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _dataset(args: argparse.Namespace, transforms: object = None) -> object:
+def _dataset(args: argparse.Namespace, transforms: Any = None) -> CocoDetection:
     from trainer.data.coco_index import load_coco_index
     from trainer.data.dataset import CocoDetection
 
-    return CocoDetection(load_coco_index(args.coco), args.images, transforms, drop_empty=False,  # type: ignore[arg-type]
+    return CocoDetection(load_coco_index(args.coco), args.images, transforms, drop_empty=False,
                          seed=getattr(args, "seed", 0))
 
 
@@ -101,8 +107,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from trainer.data.stats import channel_stats
 
     dataset = _dataset(args)
-    log.info("computing per-channel mean/std over %d images with %d workers", len(dataset), args.workers)  # type: ignore[arg-type]
-    stats = channel_stats(dataset, workers=args.workers)  # type: ignore[arg-type]
+    log.info("computing per-channel mean/std over %d images with %d workers", len(dataset), args.workers)
+    stats = channel_stats(dataset, workers=args.workers)
     log.info("%d images, %d pixels", stats.images, stats.pixels)
     print(stats.as_yaml(), end="")
     return EXIT_OK
@@ -113,7 +119,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from trainer.data.transforms import build_transforms
 
     dataset = _dataset(args, build_transforms(args.augment, train=True))
-    for uri in render_grids(dataset, args.out, count=args.n, epoch=args.epoch):  # type: ignore[arg-type]
+    for uri in render_grids(dataset, args.out, count=args.n, epoch=args.epoch):
         print(uri)
     return EXIT_OK
 
@@ -172,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--difficult", choices=("keep", "crowd", "drop"), default="crowd",
                       help="difficult objects: crowd = kept with iscrowd=1 so COCOeval ignores them (default)")
     conv.add_argument("--strict", action="store_true", help="any warning fails the run and nothing is written")
-    conv.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+    conv.add_argument("--workers", type=int, default=PROCESS_WORKERS,
                       help="parallel parser processes (the output does not depend on it)")
     conv.add_argument("--report", help="write every problem, file by file, as JSON to this path/URI")
     conv.set_defaults(func=cmd_convert)
@@ -183,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", parents=[common, data_args],
                            help="exact per-channel mean/std of a data set, printed in the config's format")
-    stats.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    stats.add_argument("--workers", type=int, default=PROCESS_WORKERS)
     stats.set_defaults(func=cmd_stats)
 
     show = sub.add_parser("show", parents=[common, data_args],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,8 +53,6 @@ def to_coco_detections(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Se
 
 def load_ground_truth(data: bytes) -> COCO:
     """A pycocotools COCO object from JSON bytes (read through the storage layer), quietly."""
-    import json
-
     gt = COCO()
     gt.dataset = json.loads(data)
     with contextlib.redirect_stdout(io.StringIO()):

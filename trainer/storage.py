@@ -344,16 +344,8 @@ class _S3RangeReader(io.RawIOBase):
             self._body = None
 
     def _open_body(self) -> None:
-        args: dict[str, Any] = {"Bucket": self._loc.bucket, "Key": self._loc.key, "Range": f"bytes={self._pos}-"}
-        if self._etag:
-            args["IfMatch"] = self._etag
         with _errors(self._uri):
-            try:
-                self._body = s3_client().get_object(**args)["Body"]
-            except bex.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
-                    raise StorageError(self._uri, "the object changed while it was being read") from exc
-                raise
+            self._body = _get_from(self._loc, self._uri, self._pos, self._etag)["Body"]
 
     def readinto(self, buffer: Any) -> int:
         want = min(len(buffer), self.size - self._pos)
@@ -380,6 +372,22 @@ class _S3RangeReader(io.RawIOBase):
     def close(self) -> None:
         self._drop_body()
         super().close()
+
+
+def _get_from(loc: S3Location, uri: str, start: int, etag: str | None) -> dict[str, Any]:
+    """GET the object from byte ``start``; with ``etag``, only if it is still that version (a resumed read must
+    never stitch two versions of an overwritten object together)."""
+    args: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
+    if start:
+        args["Range"] = f"bytes={start}-"
+    if etag:
+        args["IfMatch"] = etag
+    try:
+        return s3_client().get_object(**args)  # type: ignore[no-any-return]
+    except bex.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
+            raise StorageError(uri, "the object changed while it was being read") from exc
+        raise
 
 
 def _copy_into(buffer: Any, chunk: bytes) -> int:
@@ -412,17 +420,7 @@ def read_bytes(uri: str | os.PathLike[str]) -> bytes:
 
     def attempt() -> None:
         nonlocal received, etag, total
-        args: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
-        if received:
-            args["Range"] = f"bytes={received}-"
-        if etag:
-            args["IfMatch"] = etag
-        try:
-            response = s3_client().get_object(**args)
-        except bex.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
-                raise StorageError(text, "the object changed while it was being read") from exc
-            raise
+        response = _get_from(loc, text, received, etag)
         etag = etag or response.get("ETag")
         if total is None:
             total = int(response["ContentLength"])

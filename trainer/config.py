@@ -77,6 +77,11 @@ class ModelConfig:
     max_size: int = 640
     trainable_backbone_layers: int | None = None
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch)
+    # Numeric constructor options of the torchvision detector (e.g. box_batch_size_per_image, score_thresh);
+    # the valid names depend on the model and are checked when it is built.
+    options: dict[str, float] = field(default_factory=dict)
+    anchor_sizes: list[list[int]] | None = None  # one list of sizes per feature level (Faster R-CNN, RetinaNet)
+    aspect_ratios: list[float] | None = None  # the same for every level
 
 
 @dataclass
@@ -180,6 +185,16 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise fail(f"a mapping of {tp.__name__} keys")
         return _build(tp, value, key, source)
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise fail(f"a mapping of names to {_type_name(item)}")
+        for name, entry in value.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"{source}: {key}: keys must be names, got {name!r}")
+            if not isinstance(entry, bool | int | float):
+                raise ConfigError(f"{source}: {key}.{name}: expected a number or true/false, got {entry!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -301,6 +316,13 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
              else f"; choose one of {', '.join(SUPPORTED_MODELS)}"))
     check(config.model.min_size > 0 and config.model.max_size >= config.model.min_size, "model.min_size",
           "needs 0 < min_size <= max_size")
+    if config.model.anchor_sizes is not None:
+        check(bool(config.model.anchor_sizes) and all(config.model.anchor_sizes)
+              and all(v > 0 for level in config.model.anchor_sizes for v in level),
+              "model.anchor_sizes", "needs one non-empty list of positive sizes per feature level")
+    if config.model.aspect_ratios is not None:
+        check(bool(config.model.aspect_ratios) and all(v > 0 for v in config.model.aspect_ratios),
+              "model.aspect_ratios", "needs a non-empty list of positive ratios (height / width)")
     check(config.optim.name in ("sgd", "adamw"), "optim.name", f"must be sgd or adamw, got {config.optim.name!r}")
     check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
     check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import difflib
 import hashlib
 import http.client
+import inspect
 import io
 import logging
 import os
@@ -41,6 +43,9 @@ from typing import Any
 import torch
 from torch import nn
 from torchvision.models import detection, get_weight
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from trainer import storage
@@ -106,7 +111,10 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
         side = 300 if spec.family == "vgg" else 320
         log.info("%s resizes every image to %dx%d (fixed by the architecture); model.min_size=%d and "
                  "model.max_size=%d are ignored", config.name, side, side, config.min_size, config.max_size)
+    kwargs.update(detector_options(config))
     model = spec.builder(**kwargs)
+    if config.anchor_sizes is not None or config.aspect_ratios is not None:
+        set_anchors(model, config)
 
     if config.weights and spec.frozen_bn_with_weights:
         converted = freeze_batchnorm(model.backbone.body)  # type: ignore[union-attr,arg-type]
@@ -125,6 +133,69 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     log.info("%s: %d of %d parameters (%.1f M of %.1f M values) train", config.name,
              sum(p.requires_grad for p in tensors), len(tensors), trainable / 1e6, total / 1e6)
     return model
+
+
+def detector_options(config: ModelConfig) -> dict[str, Any]:
+    """``model.options`` checked against the numeric keyword arguments of the detector class.
+
+    torchvision's builders pass unknown keywords on to the class, which would fail with a TypeError deep inside;
+    checking names here gives one line with the closest valid name instead.
+    """
+    if not config.options:
+        return {}
+    detector_class = next(cls for prefix, cls in _DETECTOR_CLASSES.items() if config.name.startswith(prefix))
+    valid = sorted(name for name, parameter in inspect.signature(detector_class.__init__).parameters.items()
+                   if type(parameter.default) in (int, float) and name not in ("min_size", "max_size", "size"))
+    for name, value in config.options.items():
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+            raise InputError(f"model.options.{name}: not an option of {config.name} ({hint})")
+        if isinstance(value, bool) or (value < 0):
+            raise InputError(f"model.options.{name}: expected a number >= 0, got {value!r}")
+    return dict(config.options)
+
+
+_DETECTOR_CLASSES: dict[str, type[nn.Module]] = {"fasterrcnn": detection.FasterRCNN, "retinanet": detection.RetinaNet,
+                                                 "fcos": detection.FCOS, "ssd": detection.ssd.SSD}
+
+
+def set_anchors(model: nn.Module, config: ModelConfig) -> None:
+    """Replace the anchor generator of a Faster R-CNN or RetinaNet; a head whose anchor count changes is rebuilt.
+
+    Sizes are per feature level (the model's level count must match); unset parts keep torchvision's defaults.
+    """
+    if isinstance(model, detection.FasterRCNN):
+        old: AnchorGenerator = model.rpn.anchor_generator
+    elif isinstance(model, detection.RetinaNet):
+        old = model.anchor_generator
+    else:
+        raise InputError(f"model.anchor_sizes/aspect_ratios: {config.name} has no configurable anchors "
+                         "(supported: Faster R-CNN and RetinaNet models)")
+    levels = len(old.sizes)
+    sizes = tuple(tuple(level) for level in config.anchor_sizes) if config.anchor_sizes else old.sizes
+    if len(sizes) != levels:
+        raise InputError(f"model.anchor_sizes: {config.name} has {levels} feature levels, got sizes for "
+                         f"{len(sizes)}; give one list of sizes per level")
+    ratios = ((tuple(config.aspect_ratios),) * levels if config.aspect_ratios else old.aspect_ratios)
+    generator = AnchorGenerator(sizes, ratios)
+    per_location = generator.num_anchors_per_location()
+    if len(set(per_location)) != 1:
+        raise InputError("model.anchor_sizes: every level needs the same number of sizes (the head is shared)")
+    changed = per_location[0] != old.num_anchors_per_location()[0]
+    if isinstance(model, detection.FasterRCNN):
+        model.rpn.anchor_generator = generator
+        if changed:
+            head = model.rpn.head
+            model.rpn.head = RPNHead(head.cls_logits.in_channels, per_location[0], conv_depth=len(head.conv))
+    else:
+        model.anchor_generator = generator
+        if changed:
+            if config.name.endswith("_v2"):
+                raise InputError(f"model.anchor_sizes: {config.name} keeps {old.num_anchors_per_location()[0]} "
+                                 "anchors per location (its GroupNorm head is not rebuilt); change sizes, not counts")
+            model.head = RetinaNetHead(model.backbone.out_channels, per_location[0],
+                                       model.head.classification_head.num_classes)
 
 
 def _spec(name: str) -> ModelSpec:

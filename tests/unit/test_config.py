@@ -64,12 +64,24 @@ def test_integers_are_accepted_for_floats_and_numbers_as_names(tmp_path: Path) -
     (["optim.lr.x=1"], "optim.lr: expected a number, got {'x': 1}"),
     (["optim.lr=0.1", "optim.lr.x=1"], "optim.lr.x: 'lr' is a value, not a section"),
     (["nonsense"], "expected KEY=VALUE"),
+    (["model.options=3"], "model.options: expected a mapping of names to float, got 3"),
+    (["model.options.box_nms_thresh=high"], "model.options.box_nms_thresh: expected a number or true/false"),
+    (["model.anchor_sizes=[[32], []]"], "model.anchor_sizes: needs one non-empty list of positive sizes"),
+    (["model.aspect_ratios=[0, 1]"], "model.aspect_ratios: needs a non-empty list of positive ratios"),
 ])
 def test_each_mistake_is_one_clear_error(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, [*DATA, *overrides])
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_detector_options_and_anchors_keep_their_types() -> None:
+    config = load_config(None, [*DATA, "model.options.box_batch_size_per_image=128",
+                                "model.options.box_nms_thresh=0.4", "model.anchor_sizes=[[16, 32], [64, 128]]"])
+    assert config.model.options == {"box_batch_size_per_image": 128, "box_nms_thresh": 0.4}
+    assert isinstance(config.model.options["box_batch_size_per_image"], int)
+    assert config.model.anchor_sizes == [[16, 32], [64, 128]]
 
 
 def test_data_locations_are_required() -> None:

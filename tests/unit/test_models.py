@@ -312,3 +312,48 @@ def test_trainable_backbone_layers_from_config(caplog: pytest.LogCaptureFixture)
     trainable, total = models.count_parameters(model)
     assert total - trainable == sum(p.numel() for n, p in model.named_parameters() if n in frozen) > 0
     assert "random initial values" in caplog.text  # frozen stages without weights are worth a warning
+
+
+def test_detector_options_reach_the_torchvision_model() -> None:
+    model = models.build_model(ModelConfig(name=SMALL, options={"box_batch_size_per_image": 64,
+                                                                "rpn_post_nms_top_n_train": 300,
+                                                                "box_score_thresh": 0.25}), 3)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert model.rpn._post_nms_top_n["training"] == 300
+    assert model.roi_heads.score_thresh == 0.25
+    retina = models.build_model(ModelConfig(name="retinanet_resnet50_fpn", options={"topk_candidates": 500}), 3)
+    assert retina.topk_candidates == 500
+
+
+@pytest.mark.parametrize(("name", "options", "message"), [
+    (SMALL, {"box_batch_size_per_imag": 64}, "did you mean 'box_batch_size_per_image'"),
+    (SMALL, {"score_thresh": 0.1}, "not an option of fasterrcnn_mobilenet_v3_large_320_fpn"),  # RetinaNet's name
+    ("ssd300_vgg16", {"box_nms_thresh": 0.5}, "not an option of ssd300_vgg16"),
+    (SMALL, {"box_nms_thresh": -1}, "expected a number >= 0"),
+])
+def test_unknown_or_bad_detector_options_are_one_line_errors(name: str, options: dict[str, Any],
+                                                            message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        models.build_model(ModelConfig(name=name, options=options), 3)
+
+
+def test_anchor_sizes_and_ratios_rebuild_the_rpn_head_and_train() -> None:
+    model = models.build_model(ModelConfig(name=SMALL, min_size=128, max_size=128,
+                                           anchor_sizes=[[16, 32]] * 3, aspect_ratios=[0.5, 1.0, 2.0]), 3)
+    assert model.rpn.anchor_generator.num_anchors_per_location() == [6, 6, 6]
+    assert model.rpn.head.cls_logits.out_channels == 6
+    model.train()
+    losses = model([torch.rand(3, 128, 128)], [{"boxes": torch.tensor([[10.0, 10, 50, 50]]),
+                                                "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+    assert model.rpn.head.cls_logits.weight.grad is not None
+
+
+@pytest.mark.parametrize(("name", "config", "message"), [
+    (SMALL, {"anchor_sizes": [[16, 32]]}, "has 3 feature levels, got sizes for 1"),
+    ("fcos_resnet50_fpn", {"aspect_ratios": [1.0]}, "has no configurable anchors"),
+    ("retinanet_resnet50_fpn_v2", {"anchor_sizes": [[16]] * 5}, "change sizes, not counts"),
+])
+def test_impossible_anchor_settings_are_input_errors(name: str, config: dict[str, Any], message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        models.build_model(ModelConfig(name=name, **config), 3)

@@ -135,6 +135,50 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.data.coco_index import load_coco_index
+    from trainer.distributed import DistEnv
+    from trainer.inference import evaluate_split, load_detector
+
+    config = load_config(args.config, args.set)
+    split = getattr(config.data, args.split)
+    if not split.coco:
+        raise InputError(f"{args.config}: data.{args.split}.coco is not set: nothing to evaluate on")
+    detector = load_detector(args.weights, config.model, load_coco_index(split.coco))
+    result = evaluate_split(detector.model, split, config, DistEnv())
+    assert result is not None  # a single process is rank 0
+    print(" ".join(f"{name} {value:.4f}" for name, value in result.stats.items()))
+    print(" ".join(f"{name} {value:.4f}" for name, value in result.per_class.items()))
+    if args.out:
+        storage.write_text(args.out, json.dumps({"weights": args.weights, "split": args.split, "coco": split.coco,
+                                                 **result.stats, "per_class_ap": result.per_class,
+                                                 "detections": result.detections}, indent=1) + "\n")
+        log.info("wrote %s", args.out)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.data.coco_index import load_coco_index
+    from trainer.inference import list_images, load_detector, write_predictions
+
+    if not 0 <= args.score_thr <= 1:
+        raise InputError(f"--score-thr must be in [0, 1], got {args.score_thr}")
+    model_config = index = None
+    if args.config:
+        config = load_config(args.config, require_data=False)
+        model_config = config.model
+        index = load_coco_index(config.data.train.coco) if config.data.train.coco else None
+    uris = list_images(args.images)  # before the model: a wrong path fails in a second
+    detector = load_detector(args.weights, model_config, index)
+    summary = write_predictions(detector, uris, args.out, args.score_thr, args.batch_size,
+                                pictures=not args.no_pictures)
+    log.info("%d images, %d detections with score >= %.2f: %s%s", summary.images, summary.detections,
+             args.score_thr, summary.json_uri, f" and {len(summary.picture_uris)} PNGs" if summary.picture_uris else "")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parsing
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -208,6 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=192, help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=cmd_synth)
+
+    evaluate = sub.add_parser("eval", parents=[common], help="COCO mAP of a weights file on a split of the config")
+    evaluate.add_argument("--config", required=True, help="the run's YAML config (local or s3://)")
+    evaluate.add_argument("--weights", required=True, help="model_best.pt, model_final.pt, an export, or a state dict")
+    evaluate.add_argument("--split", choices=("val", "train"), default="val")
+    evaluate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    evaluate.add_argument("--out", help="also write the numbers as JSON here (path or s3:// URI)")
+    evaluate.set_defaults(func=cmd_eval)
+
+    predict = sub.add_parser("predict", parents=[common],
+                             help="detect objects in images: detections JSON and PNGs with the boxes drawn")
+    predict.add_argument("--weights", required=True, help="weights file written by the trainer (path or URI)")
+    predict.add_argument("--images", required=True, help="an image, a folder/prefix, or a glob like s3://b/x/*.jpg")
+    predict.add_argument("--out", required=True, help="folder or s3:// prefix for detections.json and the PNGs")
+    predict.add_argument("--score-thr", type=float, default=0.5, help="keep detections scoring at least this")
+    predict.add_argument("--batch-size", type=int, default=4)
+    predict.add_argument("--config", help="for a plain state dict: the config naming the model and its classes")
+    predict.add_argument("--no-pictures", action="store_true", help="only write detections.json")
+    predict.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -219,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(level)
     except ValueError as exc:
         parser.error(f"TRAINER_LOG_LEVEL: {exc}")
-    if getattr(args, "workers", 1) < 1:
-        parser.error("--workers must be at least 1")
+    if getattr(args, "workers", 1) < 1 or getattr(args, "batch_size", 1) < 1:
+        parser.error("--workers and --batch-size must be at least 1")
     try:
         return int(args.func(args))
     except storage.StorageError as exc:

@@ -27,6 +27,8 @@ SUPPORTED_MODELS = (
     "fcos_resnet50_fpn", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large",
 )
 AUGMENT_PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
+# COCOeval's bbox summary, in its order (trainer.evaluation names its numbers with these).
+EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
 class ConfigError(InputError):
@@ -117,7 +119,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every_epochs: int = 1
+    every_epochs: int = 1  # evaluate every N epochs and after the last one; 0: never
+    metric: str = "AP"  # decides the best model (model_best.pt) and the best checkpoint
 
 
 @dataclass
@@ -239,6 +242,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     return cls(**kwargs)
 
 
+def parse_section(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
+    """One section (e.g. ``ModelConfig``) from a mapping, with the same checks and messages as a whole file."""
+    return _build(cls, values, prefix, source)
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     parts = dotted.split(".")
     if not all(parts):
@@ -335,6 +343,8 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
           "must be > 0 (or null to disable)")
     check(0 < config.train.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
     check(config.train.timeout_minutes > 0, "train.timeout_minutes", "must be > 0")
+    check(config.eval.metric in EVAL_METRICS, "eval.metric",
+          f"unknown metric {config.eval.metric!r}; choose one of {', '.join(EVAL_METRICS)}")
     check(config.eval.every_epochs >= 0, "eval.every_epochs", "must be 0 (never) or more")
     check(config.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or more")
     check(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be 0 (off) or more")

@@ -20,9 +20,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from trainer.config import EVAL_METRICS
 from trainer.distributed import DistEnv, all_gather_objects
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+STAT_NAMES = EVAL_METRICS
 
 
 @dataclass

@@ -414,10 +414,20 @@ def load_weights(model: nn.Module, uri: str, model_name: str | None = None) -> L
     return report
 
 
+def read_checkpoint(uri: str) -> tuple[Any, str]:
+    """The object stored at ``uri`` and the name to use in messages, read without running any pickled code."""
+    data, source = _fetch(uri)
+    return _safe_load(data, source), source
+
+
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint at ``uri`` (see ``load_weights``), read without running any pickled code."""
-    data, source = _fetch(uri)
-    obj = _safe_load(data, source)
+    return state_dict_of(*read_checkpoint(uri))
+
+
+def state_dict_of(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint: a state dict, or one under ``"model"``/``"state_dict"``; wrapper
+    prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``) dropped."""
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), Mapping):

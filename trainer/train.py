@@ -2,20 +2,18 @@
 
 This module only wires the pieces together (config → process group → data → model → optimizer → loop);
 each piece lives in its own module. ``python -m trainer.train`` without torchrun is a single process.
-Rank 0 alone writes shared outputs under ``<run.dir>/<run.name>/``: config.yaml, metrics.jsonl and the final
-weights (the checkpoint/resume protocol of DESIGN.md is built on top of this loop).
+Rank 0 alone writes shared outputs under ``<run.dir>/<run.name>/``: config.yaml, metrics.jsonl, plots/, the
+best and final weights (the checkpoint/resume protocol of DESIGN.md is built on top of this loop).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,38 +29,18 @@ from trainer.data.sampler import ResumableDistributedBatchSampler, aspect_ratio_
 from trainer.data.tiles import TileSpec
 from trainer.data.transforms import build_transforms
 from trainer.distributed import DistEnv, init_distributed, shutdown
-from trainer.engine import ModelEma, TrainState, predict_batches, train_step
+from trainer.engine import ModelEma, TrainState, train_step
 from trainer.errors import InputError
-from trainer.evaluation import DistributedEvaluator, EvalResult, load_ground_truth
+from trainer.evaluation import EvalResult
+from trainer.inference import evaluate_split, save_weights
 from trainer.logs import setup_logging
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import ProgressLine, format_progress
+from trainer.run_log import RunLog
 
 log = logging.getLogger("trainer.train")
 
 EXIT_CONFIG_ERROR = 2
-
-
-class MetricsLog:
-    """``metrics.jsonl`` under the run: appended in memory, written whole (S3 has no append), at most every
-    ``flush_seconds`` and at the end."""
-
-    def __init__(self, uri: str, flush_seconds: float = 60.0) -> None:
-        self.uri = uri
-        self.lines: list[str] = []
-        self.flush_seconds = flush_seconds
-        self.last_flush = time.monotonic()
-        if storage.exists(uri):
-            self.lines = storage.read_text(uri).splitlines()
-
-    def write(self, record: dict[str, Any], force: bool = False) -> None:
-        self.lines.append(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True))
-        if force or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        storage.write_text(self.uri, "\n".join(self.lines) + "\n")
-        self.last_flush = time.monotonic()
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -90,23 +68,6 @@ def build_train_data(config: Config, env: DistEnv) -> tuple[CocoDetection, Resum
     return dataset, sampler
 
 
-def evaluate(model: torch.nn.Module, config: Config, env: DistEnv, category_ids: Sequence[int],
-             autocast_dtype: torch.dtype | None) -> EvalResult | None:
-    """COCO mAP on the validation split (every rank predicts its share; rank 0 computes)."""
-    index = load_coco_index(config.data.val.coco)
-    dataset = CocoDetection(index, config.data.val.images, build_transforms("none", train=False,
-                                                                            mean=config.data.mean, std=config.data.std),
-                            drop_empty=False, strict=config.data.strict)
-    sampler = ResumableDistributedBatchSampler(len(dataset), config.data.batch_size, env.world_size, env.rank,
-                                               shuffle=False)
-    loader = build_loader(dataset, sampler, workers=config.data.workers, persistent_workers=False)
-    evaluator = DistributedEvaluator(category_ids)
-    for outputs, targets in predict_batches(model, loader, env.device, autocast_dtype):
-        evaluator.update(outputs, targets)
-    gt = load_ground_truth(storage.read_bytes(config.data.val.coco)) if env.is_main else None
-    return evaluator.finish(env, gt)  # type: ignore[arg-type]
-
-
 def train(config: Config, env: DistEnv) -> EvalResult | None:
     from trainer.models import build_model
 
@@ -131,10 +92,11 @@ def train(config: Config, env: DistEnv) -> EvalResult | None:
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     ema = ModelEma(model, config.train.ema_decay) if config.train.ema else None
     ddp = DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None) if env.distributed else model
-    metrics = MetricsLog(storage.join(run_uri, "metrics.jsonl")) if env.is_main else None
+    run_log = RunLog(run_uri, active=env.is_main, tensorboard=config.log.tensorboard)
     state = TrainState()
     stats = LoaderStats()
     result: EvalResult | None = None
+    best: float | None = None
     total_steps = steps_per_epoch * config.schedule.epochs
     started = time.perf_counter()
     for epoch in range(config.schedule.epochs):
@@ -161,30 +123,36 @@ def train(config: Config, env: DistEnv) -> EvalResult | None:
                     torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
                 if env.is_main:
                     log.info("%s", format_progress(line))
-                if metrics is not None:
-                    metrics.write({"kind": "train", "epoch": epoch + 1, "step": state.step, "loss": outcome.loss,
-                                   **outcome.terms, "lr": line.lr, "images_per_s": rate,
-                                   "data_wait": line.data_wait, **stats.snapshot().as_dict()})
+                run_log.train({"epoch": epoch + 1, "step": state.step, "loss": outcome.loss, **outcome.terms,
+                               "lr": line.lr, "images_per_s": rate, "data_wait": line.data_wait,
+                               **stats.snapshot().as_dict()})
                 window_start, wait, images_seen = time.perf_counter(), 0.0, 0
             fetch_start = time.perf_counter()
         last = epoch + 1 == config.schedule.epochs
         if config.data.val.coco and config.eval.every_epochs and ((epoch + 1) % config.eval.every_epochs == 0
                                                                   or last):
-            result = evaluate(ema.module if ema else model, config, env, dataset.index.category_ids, autocast_dtype)
-            if result is not None and metrics is not None:
-                log.info("eval epoch %d: AP %.4f AP50 %.4f AP75 %.4f | %s", epoch + 1, result.stats["AP"],
+            evaluated = ema.module if ema else model
+            result = evaluate_split(evaluated, config.data.val, config, env, autocast_dtype)
+            if result is not None:
+                value = result.stats[config.eval.metric]
+                improved = best is None or value > best
+                best = value if improved else best
+                log.info("eval epoch %d: AP %.4f AP50 %.4f AP75 %.4f%s | %s", epoch + 1, result.stats["AP"],
                          result.stats["AP50"], result.stats["AP75"],
+                         f" (best {config.eval.metric} so far)" if improved else
+                         f" (best {config.eval.metric} {best:.4f})",
                          " ".join(f"{k} {v:.3f}" for k, v in result.per_class.items()))
-                metrics.write({"kind": "eval", "epoch": epoch + 1, "step": state.step, **result.stats,
-                               "per_class_ap": result.per_class}, force=True)
+                run_log.eval({"epoch": epoch + 1, "step": state.step, **result.stats, "per_class_ap": result.per_class,
+                              "best": best})
+                if improved:
+                    save_weights(storage.join(run_uri, "model_best.pt"), evaluated.state_dict(), config.model,
+                                 dataset.index)
     if env.is_main:
-        final = (ema.module if ema else model).state_dict()
-        with storage.open_write(storage.join(run_uri, "model_final.pt")) as stream:
-            torch.save(final, stream)
-        if metrics is not None:
-            metrics.flush()
+        final_uri = storage.join(run_uri, "model_final.pt")
+        save_weights(final_uri, (ema.module if ema else model).state_dict(), config.model, dataset.index)
+        run_log.close()
         log.info("finished %d steps in %.1f s; final weights: %s", state.step, time.perf_counter() - started,
-                 storage.join(run_uri, "model_final.pt"))
+                 final_uri)
     shutdown(env, ddp, model, optimizer)
     return result
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 
 from tests.support.torchrun import torchrun
+from trainer import cli
+from trainer.inference import WEIGHTS_FORMAT
+from trainer.plots import PLOT_SIZE_PX
 from trainer.progress import parse_progress
 from trainer.synth import make_shapes_dataset
 
@@ -36,4 +41,29 @@ def test_two_processes_train_evaluate_and_write_outputs(tmp_path: Path) -> None:
     assert [r["epoch"] for r in evals] == [1, 2] and set(evals[-1]["per_class_ap"]) == {"circle", "square", "triangle"}
     assert (run / "config.yaml").read_text().startswith("run:")
     weights = torch.load(run / "model_final.pt", weights_only=True)
-    assert any(k.startswith("roi_heads.box_predictor") for k in weights)
+    assert weights["format"] == WEIGHTS_FORMAT and weights["category_names"] == ["circle", "square", "triangle"]
+    assert any(k.startswith("roi_heads.box_predictor") for k in weights["model"])
+    assert (run / "model_best.pt").stat().st_size > 1_000_000
+    for name in ("loss.png", "lr.png", "map.png", "per_class_ap.png"):
+        with Image.open(run / "plots" / name) as picture:
+            assert picture.format == "PNG" and picture.size == PLOT_SIZE_PX, name
+
+    # `trainer eval` of the final weights reproduces the last in-training evaluation (same model, same split)
+    report = tmp_path / "eval.json"
+    assert cli.main(["eval", "--config", str(run / "config.yaml"), "--weights", str(run / "model_final.pt"),
+                     "--out", str(report)]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["AP"] == pytest.approx(evals[-1]["AP"], abs=1e-3)
+    assert evaluated["per_class_ap"] == pytest.approx(evals[-1]["per_class_ap"], abs=1e-3)
+
+    # `trainer predict` on a glob of images: one detections JSON and one PNG per image, of the image's size
+    out = tmp_path / "predictions"
+    assert cli.main(["predict", "--weights", str(run / "model_final.pt"), "--images", f"{data.images_uri}/shape_0000*.jpg",
+                     "--out", str(out), "--score-thr", "0"]) == 0
+    detections = json.loads((out / "detections.json").read_text())
+    pictures = sorted(out.glob("*.png"))
+    assert len(pictures) == 10  # shape_00000 .. shape_00009
+    for picture_path in pictures:
+        with Image.open(picture_path) as picture:
+            assert picture.format == "PNG" and picture.size == (96, 96)
+    assert all(d["category_name"] in {"circle", "square", "triangle"} and len(d["bbox"]) == 4 for d in detections)

@@ -1,0 +1,215 @@
+"""Using a trained detector: the weights file it is saved as, loading it back, evaluating it on a split and
+predicting on arbitrary images.
+
+A weights file (``model_final.pt``, ``model_best.pt``, ``trainer ckpt export``) holds the state dict *and* what
+is needed to use it alone: the model section of the config and the class names and COCO category ids. So
+``trainer predict --weights URI`` needs nothing else; a plain state dict (e.g. from torchvision) needs a config
+that names the model and a COCO JSON that names the classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import logging
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.io import ImageReadMode, decode_image
+
+from trainer import storage
+from trainer.config import Config, ModelConfig, SplitConfig, parse_section
+from trainer.data.coco_index import CocoIndex, load_coco_index
+from trainer.data.dataset import CocoDetection
+from trainer.data.loader import build_loader
+from trainer.data.sampler import ResumableDistributedBatchSampler
+from trainer.data.transforms import build_transforms
+from trainer.distributed import DistEnv
+from trainer.engine import predict_batches, to_device
+from trainer.errors import InputError
+from trainer.evaluation import DistributedEvaluator, EvalResult, load_ground_truth
+from trainer.models import build_model, read_checkpoint, state_dict_of
+from trainer.plots import draw_detections, encode_png
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FORMAT = "detection-trainer/weights-1"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+# ------------------------------------------------------------------------------------------ weights file
+def weights_payload(state: Mapping[str, torch.Tensor], model_config: ModelConfig,
+                    index: CocoIndex) -> dict[str, Any]:
+    """What a weights file holds: only tensors, strings and numbers, so it loads with ``weights_only=True``."""
+    described = dataclasses.asdict(model_config)
+    described["weights"] = None  # the file is the weights; the pretrained source is history, not a dependency
+    return {"format": WEIGHTS_FORMAT, "model": {k: v.detach().cpu() for k, v in state.items()},
+            "model_config": described, "category_ids": list(index.category_ids),
+            "category_names": list(index.category_names)}
+
+
+def save_weights(uri: str, state: Mapping[str, torch.Tensor], model_config: ModelConfig, index: CocoIndex) -> None:
+    with storage.open_write(uri) as stream:  # atomic: a reader never sees half a file
+        torch.save(weights_payload(state, model_config, index), stream)
+
+
+@dataclass
+class Detector:
+    """A model ready for inference and the names of its labels (label k is ``category_names[k - 1]``)."""
+
+    model: nn.Module
+    model_config: ModelConfig
+    category_ids: list[int]
+    category_names: list[str]
+
+
+def load_detector(weights: str, model_config: ModelConfig | None = None, index: CocoIndex | None = None,
+                  device: torch.device | None = None) -> Detector:
+    """Build the model a weights file describes (or ``model_config``) and load every tensor, strictly.
+
+    Unlike fine-tuning (``model.weights``), nothing may be missing or of another shape: evaluating a model with
+    a re-initialised head would report a meaningless mAP.
+    """
+    obj, source = read_checkpoint(weights)
+    described = isinstance(obj, Mapping) and obj.get("format") == WEIGHTS_FORMAT
+    if described:
+        try:
+            stored = parse_section(ModelConfig, dict(obj["model_config"]), "model", source)
+            ids, names = [int(i) for i in obj["category_ids"]], [str(n) for n in obj["category_names"]]
+        except (KeyError, TypeError, ValueError, InputError) as exc:
+            raise InputError(f"{source}: damaged weights file description ({exc})") from exc
+        model_config = model_config or stored
+    elif model_config is None or index is None:
+        raise InputError(f"{source}: a plain state dict does not say which model or classes it is for; "
+                         "pass --config (model section and the COCO JSON of the classes)")
+    if index is not None:
+        ids, names = list(index.category_ids), list(index.category_names)
+    if len(ids) != len(names) or not ids:
+        raise InputError(f"{source}: the weights file lists {len(ids)} category ids and {len(names)} names")
+    state = state_dict_of(obj, source)
+    model = build_model(dataclasses.replace(model_config, weights=None, freeze=[]), len(ids) + 1)
+    own = model.state_dict()
+    wrong = [f"{k} {list(v.shape)} vs {list(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if wrong or missing:
+        detail = f"shapes differ: {', '.join(wrong[:3])}" if wrong else f"missing: {', '.join(missing[:3])}"
+        raise InputError(f"{source}: these weights do not fit {model_config.name} with {len(ids)} classes ({detail})")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    model.to(device or torch.device("cpu")).eval()
+    return Detector(model, model_config, ids, names)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: DistEnv,
+                   autocast_dtype: torch.dtype | None = None) -> EvalResult | None:
+    """COCO mAP of ``model`` on ``split``: every rank predicts its share, rank 0 runs pycocotools."""
+    index = load_coco_index(split.coco)
+    dataset = CocoDetection(index, split.images, build_transforms("none", train=False, mean=config.data.mean,
+                                                                  std=config.data.std),
+                            drop_empty=False, strict=config.data.strict)
+    sampler = ResumableDistributedBatchSampler(len(dataset), config.data.batch_size, env.world_size, env.rank,
+                                               shuffle=False)
+    loader = build_loader(dataset, sampler, workers=config.data.workers, persistent_workers=False)
+    evaluator = DistributedEvaluator(index.category_ids)
+    for outputs, targets in predict_batches(model, loader, env.device, autocast_dtype):
+        evaluator.update(outputs, targets)
+    gt = load_ground_truth(storage.read_bytes(split.coco)) if env.is_main else None
+    return evaluator.finish(env, gt)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ prediction
+def list_images(pattern: str) -> list[str]:
+    """Image URIs for a file, a folder/prefix (every .jpg/.jpeg/.png below it) or a glob (``s3://b/x/*.jpg``)."""
+    wildcard = next((i for i, c in enumerate(pattern) if c in "*?["), None)
+    if wildcard is None:
+        if not storage.is_dir(pattern):
+            storage.stat(pattern)  # a clear NotFound when it is neither a file nor a folder
+            return [pattern]
+        base, match = pattern, None
+    else:
+        base, match = pattern[: pattern.rfind("/", 0, wildcard) + 1] or ".", pattern
+    uris = sorted(info.uri for info in storage.list_objects(base, recursive=True)
+                  if not info.is_dir and info.uri.lower().endswith(IMAGE_SUFFIXES)
+                  and (match is None or fnmatch.fnmatchcase(info.uri, _normal(match, base, info.uri))))
+    if not uris:
+        raise InputError(f"{pattern}: no .jpg/.jpeg/.png images there")
+    return uris
+
+
+def _normal(match: str, base: str, uri: str) -> str:
+    """The glob spelled as list_objects spells URIs (a local ``./x/*.jpg`` lists as ``x/...``)."""
+    if base == "." and not uri.startswith("./"):
+        return match.removeprefix("./")
+    return match
+
+
+def decode(data: bytes, uri: str) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                                apply_exif_orientation=True)
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"{uri}: cannot decode image ({str(exc).splitlines()[0][:200]})") from exc
+
+
+@torch.no_grad()
+def predict_images(detector: Detector, uris: Sequence[str], batch_size: int = 4,
+                   device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(uri, uint8 image, output on the CPU) for each image, in order; unreadable images are skipped with a
+    warning so one bad file does not lose the rest."""
+    device = device or torch.device("cpu")
+    for start in range(0, len(uris), batch_size):
+        batch: list[tuple[str, torch.Tensor]] = []
+        for uri in uris[start:start + batch_size]:
+            try:
+                batch.append((uri, decode(storage.read_bytes(uri), uri)))
+            except (InputError, storage.StorageError) as exc:
+                log.warning("skipped: %s", exc)
+        if not batch:
+            continue
+        images, _ = to_device([image for _, image in batch], [{} for _ in batch], device)
+        outputs = detector.model(images)
+        for (uri, image), output in zip(batch, outputs, strict=True):
+            yield uri, image, {k: v.cpu() for k, v in output.items()}
+
+
+@dataclass
+class PredictSummary:
+    images: int
+    detections: int
+    json_uri: str
+    picture_uris: list[str]
+
+
+def write_predictions(detector: Detector, uris: Sequence[str], out: str, score_threshold: float = 0.5,
+                      batch_size: int = 4, pictures: bool = True, device: torch.device | None = None) -> PredictSummary:
+    """``<out>/detections.json`` (COCO result records plus file names and class names) and, per image,
+    ``<out>/<name>.png`` with the boxes drawn."""
+    records: list[dict[str, Any]] = []
+    picture_uris: list[str] = []
+    seen = 0
+    for image_id, (uri, image, output) in enumerate(predict_images(detector, uris, batch_size, device)):
+        seen += 1
+        keep = output["scores"] >= score_threshold
+        boxes, scores, labels = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
+        names = [detector.category_names[int(k) - 1] for k in labels]
+        for box, score, label, name in zip(boxes.tolist(), scores.tolist(), labels.tolist(), names, strict=True):
+            records.append({"image_id": image_id, "file_name": uri, "category_id": detector.category_ids[label - 1],
+                            "category_name": name, "score": round(score, 5),
+                            "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                     round(box[3] - box[1], 2)]})
+        if pictures:
+            stem = storage.basename(uri).rsplit(".", 1)[0]
+            target = storage.join(out, f"{image_id:05d}_{stem}.png")
+            storage.write_bytes(target, encode_png(draw_detections(image, boxes, names, scores.tolist())))
+            picture_uris.append(target)
+    json_uri = storage.join(out, "detections.json")
+    storage.write_text(json_uri, json.dumps(records, indent=1) + "\n")
+    return PredictSummary(seen, len(records), json_uri, picture_uris)

@@ -1,0 +1,112 @@
+"""The machine-readable record of a run, written by rank 0 under ``<run.dir>/<run.name>/``:
+
+* ``metrics.jsonl``: one JSON object per train log step and per evaluation; S3 has no append, so the file is
+  kept in memory and rewritten whole, at most every ``flush_seconds`` (and after every evaluation and at the end);
+* ``plots/*.png``: loss, lr and mAP curves and per-class AP bars, redrawn after each evaluation;
+* ``tensorboard/``: event files when ``log.tensorboard`` is on, written to a local folder and copied to the run
+  (TensorBoard's writer cannot write to S3 itself).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from typing import Any
+
+from trainer import storage
+from trainer.plots import write_plots
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: records kept in memory, the file rewritten whole every ``flush_seconds`` at most."""
+
+    def __init__(self, uri: str, flush_seconds: float = 60.0) -> None:
+        self.uri = uri
+        self.records: list[dict[str, Any]] = []
+        self.flush_seconds = flush_seconds
+        self.last_flush = time.monotonic()
+        if storage.exists(uri):  # a resumed run keeps its history
+            for number, line in enumerate(storage.read_text(uri).splitlines(), 1):
+                try:
+                    self.records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    log.warning("%s line %d is not JSON; dropped from the rewritten file", uri, number)
+
+    def write(self, record: dict[str, Any], force: bool = False) -> None:
+        self.records.append({"time": round(time.time(), 3), **record})
+        if force or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        storage.write_text(self.uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        self.last_flush = time.monotonic()
+
+
+class TensorBoardLog:
+    """Scalars of each record as TensorBoard events; ``sync`` copies the event files into the run."""
+
+    def __init__(self, uri: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise RuntimeError("log.tensorboard is on but the tensorboard package is not installed "
+                               "(pip install 'detection-trainer[tensorboard]')") from exc
+        self.uri = uri
+        self.local = tempfile.mkdtemp(prefix="trainer-tensorboard-")
+        self.writer = SummaryWriter(self.local)
+
+    def write(self, record: dict[str, Any]) -> None:
+        kind, step = record.get("kind"), record.get("step", 0)
+        for key, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "epoch", "time"):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        for name, value in (record.get("per_class_ap") or {}).items():
+            self.writer.add_scalar(f"{kind}/AP_{name}", value, step)
+
+    def sync(self) -> None:
+        self.writer.flush()
+        if storage.join(self.local) != storage.join(self.uri):
+            storage.copy_tree(self.local, self.uri)
+
+    def close(self) -> None:
+        self.sync()
+        self.writer.close()
+
+
+class RunLog:
+    """Everything rank 0 records about a run; a no-op on other ranks (construct with ``active=False``)."""
+
+    def __init__(self, run_uri: str, active: bool, tensorboard: bool = False, flush_seconds: float = 60.0) -> None:
+        self.run_uri = run_uri
+        self.metrics = MetricsLog(storage.join(run_uri, "metrics.jsonl"), flush_seconds) if active else None
+        self.tensorboard = TensorBoardLog(storage.join(run_uri, "tensorboard")) if active and tensorboard else None
+
+    def train(self, record: dict[str, Any]) -> None:
+        self._write({"kind": "train", **record}, force=False)
+
+    def eval(self, record: dict[str, Any]) -> None:
+        """An evaluation: flushed at once, and the plots are redrawn from the whole history."""
+        self._write({"kind": "eval", **record}, force=True)
+        if self.metrics is not None:
+            try:
+                write_plots(self.metrics.records, storage.join(self.run_uri, "plots"))
+            except storage.StorageError as exc:  # pictures are a convenience: never stop training for them
+                log.warning("plots not written: %s", exc)
+        if self.tensorboard is not None:
+            self.tensorboard.sync()
+
+    def _write(self, record: dict[str, Any], force: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record, force=force)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

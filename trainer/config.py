@@ -125,16 +125,18 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500
-    every_minutes: float = 15.0
-    keep_last: int = 3
-    resume: str = "auto"  # auto | never | <checkpoint URI>
+    every_steps: int = 500  # 0: off
+    every_minutes: float = 15.0  # 0: off
+    every_epoch: bool = True  # also at the end of each epoch (after its evaluation); always at the end of the run
+    keep_last: int = 3  # plus the best by eval.metric
+    resume: str = "auto"  # auto (latest in this run, if any) | never | <URI of a checkpoint, checkpoints or run folder>
 
 
 @dataclass
 class LogConfig:
     every_steps: int = 20
     tensorboard: bool = False
+    sample_trace: str | None = None  # local folder: each rank lists the image ids it trained on (debugging)
 
 
 @dataclass
@@ -349,4 +351,7 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     check(config.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or more")
     check(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be 0 (off) or more")
     check(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
+    check(bool(config.checkpoint.resume.strip()), "checkpoint.resume", "use auto, never or a checkpoint URI")
+    check(config.log.sample_trace is None or not storage.is_s3(config.log.sample_trace), "log.sample_trace",
+          "must be a local folder")
     check(config.log.every_steps >= 1, "log.every_steps", "must be at least 1")

@@ -85,6 +85,15 @@ class RunLog:
         self.metrics = MetricsLog(storage.join(run_uri, "metrics.jsonl"), flush_seconds) if active else None
         self.tensorboard = TensorBoardLog(storage.join(run_uri, "tensorboard")) if active and tensorboard else None
 
+    def forget_after(self, step: int) -> None:
+        """Drop records of steps after ``step``: a resumed run redoes them and writes them again."""
+        if self.metrics is not None:
+            kept = [r for r in self.metrics.records if not isinstance(r.get("step"), int) or r["step"] <= step]
+            dropped = len(self.metrics.records) - len(kept)
+            self.metrics.records = kept
+            if dropped:
+                log.info("metrics.jsonl: %d records after step %d dropped (those steps run again)", dropped, step)
+
     def train(self, record: dict[str, Any]) -> None:
         self._write({"kind": "train", **record}, force=False)
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,19 +30,34 @@ from trainer.data.loader import LoaderStats, build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler, aspect_ratio_group_ids
 from trainer.data.tiles import TileSpec
 from trainer.data.transforms import build_transforms
-from trainer.distributed import DistEnv, init_distributed, shutdown
-from trainer.engine import ModelEma, TrainState, train_step
+from trainer.checkpoint import CheckpointWriter, checkpoints_uri, find_resumable, load_checkpoint, resolve
+from trainer.distributed import DistEnv, broadcast_object, init_distributed, shutdown
+from trainer.engine import ModelEma, NonFiniteLossError, TrainState, train_step
 from trainer.errors import InputError
-from trainer.evaluation import EvalResult
+from trainer.exit_codes import EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 from trainer.inference import evaluate_split, save_weights
 from trainer.logs import setup_logging
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.progress import ProgressLine, format_progress
+from trainer.resume import ResumePoint, Trainables, check_config, restore, take_snapshot
 from trainer.run_log import RunLog
+from trainer.stop_signal import StopSignal
 
 log = logging.getLogger("trainer.train")
 
-EXIT_CONFIG_ERROR = 2
+
+class SampleTrace:
+    """``log.sample_trace``: each rank appends ``restart epoch step image_id`` per training sample to a local
+    file, to check which images a run saw (e.g. that a resumed epoch repeats and skips none)."""
+
+    def __init__(self, folder: str, env: DistEnv) -> None:
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"rank{env.rank}-restart{env.restart_count}-pid{os.getpid()}.txt")
+        self.restart = env.restart_count
+
+    def write(self, epoch: int, step: int, targets: Sequence[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.writelines(f"{self.restart} {epoch} {step} {int(t['image_id'])}\n" for t in targets)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -68,7 +85,74 @@ def build_train_data(config: Config, env: DistEnv) -> tuple[CocoDetection, Resum
     return dataset, sampler
 
 
-def train(config: Config, env: DistEnv) -> EvalResult | None:
+class Checkpointing:
+    """When to save (every N steps, every M minutes, end of epoch, end of run, on a stop signal) and the saving.
+
+    Decisions that depend on one rank (its clock, a signal it received) are agreed with one small all-reduce
+    per step, so every rank snapshots at the same step and no rank runs ahead of the saved state.
+    """
+
+    def __init__(self, config: Config, env: DistEnv, trainables: Trainables, stop: StopSignal) -> None:
+        self.config, self.env, self.t, self.stop = config, env, trainables, stop
+        self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last) if env.is_main else None
+        self.last_save = time.monotonic()
+        self.stall_seconds = 0.0
+
+    def agreed_flags(self) -> tuple[bool, bool]:
+        """(time for a timed checkpoint, stop requested) as every rank sees them."""
+        minutes = self.config.checkpoint.every_minutes
+        timed = bool(minutes) and self.env.is_main and time.monotonic() - self.last_save >= minutes * 60
+        flags = torch.tensor([float(timed), float(self.stop.requested)])
+        if self.env.distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def due(self, step: int) -> tuple[bool, bool]:
+        timed, stop = self.agreed_flags()
+        every = self.config.checkpoint.every_steps
+        return (bool(every) and step % every == 0) or timed or stop, stop
+
+    def save(self, *, epoch: int, epoch_done: bool, consumed_batches: int, best: float | None,
+             metric: float | None, wait: bool = False) -> None:
+        started = time.perf_counter()
+        snapshot = take_snapshot(self.t, self.env, self.config, epoch=epoch, epoch_done=epoch_done,
+                                 consumed_batches=consumed_batches, best=best, metric=metric)
+        if self.writer is not None and snapshot is not None:
+            self.writer.submit(snapshot)
+            if wait:
+                self.writer.wait()
+        self.last_save = time.monotonic()
+        stalled = time.perf_counter() - started
+        self.stall_seconds += stalled
+        if self.env.is_main:
+            log.info("checkpoint step %d: %s", self.t.state.step,
+                     f"saved in {stalled:.2f} s" if wait else
+                     f"training paused {stalled:.2f} s for the snapshot; uploading in the background")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def resume_point(config: Config, env: DistEnv, trainables: Trainables, force: bool) -> ResumePoint | None:
+    """Where this run continues: rank 0 picks a checkpoint that verifies, every rank loads that one."""
+    setting = config.checkpoint.resume
+    if setting == "never":
+        return None
+    chosen: str | None = None
+    if env.is_main:
+        found = resolve(setting) if setting != "auto" else find_resumable(checkpoints_uri(config.run_uri))
+        chosen = found.uri if found is not None else None
+    chosen = broadcast_object(env, chosen)
+    if chosen is None:
+        log.info("no checkpoint under %s: starting from scratch", checkpoints_uri(config.run_uri))
+        return None
+    checkpoint = load_checkpoint(chosen)
+    check_config(checkpoint, config, force)
+    return restore(trainables, checkpoint, env)
+
+
+def train(config: Config, env: DistEnv, force: bool = False) -> int:
     from trainer.models import build_model
 
     seed_everything(config.train.seed, env.rank)
@@ -91,31 +175,48 @@ def train(config: Config, env: DistEnv) -> EvalResult | None:
         if (cuda and config.train.amp) else None
     scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     ema = ModelEma(model, config.train.ema_decay) if config.train.ema else None
+    state = TrainState()
+    trainables = Trainables(model, optimizer, scheduler, state, sampler, ema, scaler)
+    resumed = resume_point(config, env, trainables, force)
+    start_epoch, best = (resumed.epoch, resumed.best) if resumed else (0, None)
+    if start_epoch >= config.schedule.epochs:
+        log.info("the checkpoint is from the end of training (%d epochs): nothing left to train",
+                 config.schedule.epochs)
     ddp = DistributedDataParallel(model, device_ids=[env.device.index] if cuda else None) if env.distributed else model
     run_log = RunLog(run_uri, active=env.is_main, tensorboard=config.log.tensorboard)
-    state = TrainState()
+    if resumed:
+        run_log.forget_after(resumed.step)  # steps after the checkpoint are about to be redone
+    stop = StopSignal().install()
+    checkpointing = Checkpointing(config, env, trainables, stop)
+    trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None
     stats = LoaderStats()
-    result: EvalResult | None = None
-    best: float | None = None
     total_steps = steps_per_epoch * config.schedule.epochs
+    first_step = state.step
     started = time.perf_counter()
-    for epoch in range(config.schedule.epochs):
-        sampler.set_epoch(epoch)
+    for epoch in range(start_epoch, config.schedule.epochs):
+        sampler.set_epoch(epoch)  # keeps a restored position in the resumed epoch
         ddp.train()
         window_start, wait, images_seen = time.perf_counter(), 0.0, 0
         fetch_start = time.perf_counter()
+        batches_this_pass = 0
+        save_at_epoch_end = False
         for batch_index, (images, targets, metas) in enumerate(loader):
             wait += time.perf_counter() - fetch_start
             stats.update(metas)
+            if trace is not None:
+                trace.write(epoch, state.step, targets)
             outcome = train_step(ddp, optimizer, scheduler, images, targets, env.device, state,
                                  accumulate=config.train.accumulate, clip_grad_norm=config.train.clip_grad_norm,
                                  scaler=scaler, autocast_dtype=autocast_dtype, ema=ema)
+            batches_this_pass = batch_index + 1
             images_seen += len(images) * env.world_size
-            if outcome.optimizer_stepped and (state.step % config.log.every_steps == 0 or
-                                              batch_index + 1 == len(loader)):
+            if not outcome.optimizer_stepped:
+                fetch_start = time.perf_counter()
+                continue
+            if state.step % config.log.every_steps == 0 or batch_index + 1 == len(loader):
                 elapsed = time.perf_counter() - window_start
                 rate = images_seen / max(elapsed, 1e-9)
-                done = state.step / max(1, total_steps)
+                done = (state.step - first_step) / max(1, total_steps - first_step)
                 line = ProgressLine(
                     epoch + 1, config.schedule.epochs, state.step - epoch * steps_per_epoch, steps_per_epoch,
                     outcome.loss, outcome.terms, optimizer.param_groups[0]["lr"], rate,
@@ -127,40 +228,77 @@ def train(config: Config, env: DistEnv) -> EvalResult | None:
                                "lr": line.lr, "images_per_s": rate, "data_wait": line.data_wait,
                                **stats.snapshot().as_dict()})
                 window_start, wait, images_seen = time.perf_counter(), 0.0, 0
+            save_now, stop_now = checkpointing.due(state.step)
+            save_at_epoch_end = save_now and batch_index + 1 == len(loader)
+            if save_now and not save_at_epoch_end:  # at the end of an epoch, save after its evaluation
+                checkpointing.save(epoch=epoch, epoch_done=False, consumed_batches=batches_this_pass, best=best,
+                                   metric=None, wait=stop_now)
+            if stop_now:
+                if batch_index + 1 == len(loader):
+                    checkpointing.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=None,
+                                       wait=True)
+                return preempted(env, ddp, model, optimizer, checkpointing, run_log, stop)
             fetch_start = time.perf_counter()
         last = epoch + 1 == config.schedule.epochs
+        metric: float | None = None  # this epoch's evaluation, if any: it marks the best checkpoint
         if config.data.val.coco and config.eval.every_epochs and ((epoch + 1) % config.eval.every_epochs == 0
                                                                   or last):
             evaluated = ema.module if ema else model
             result = evaluate_split(evaluated, config.data.val, config, env, autocast_dtype)
             if result is not None:
-                value = result.stats[config.eval.metric]
-                improved = best is None or value > best
-                best = value if improved else best
+                metric = result.stats[config.eval.metric]
+                improved = best is None or metric > best
+                best = metric if improved else best
                 log.info("eval epoch %d: AP %.4f AP50 %.4f AP75 %.4f%s | %s", epoch + 1, result.stats["AP"],
                          result.stats["AP50"], result.stats["AP75"],
                          f" (best {config.eval.metric} so far)" if improved else
                          f" (best {config.eval.metric} {best:.4f})",
                          " ".join(f"{k} {v:.3f}" for k, v in result.per_class.items()))
-                run_log.eval({"epoch": epoch + 1, "step": state.step, **result.stats, "per_class_ap": result.per_class,
-                              "best": best})
+                run_log.eval({"epoch": epoch + 1, "step": state.step, **result.stats,
+                              "per_class_ap": result.per_class, "best": best})
                 if improved:
                     save_weights(storage.join(run_uri, "model_best.pt"), evaluated.state_dict(), config.model,
                                  dataset.index)
+            metric, best = broadcast_object(env, (metric, best))
+        _, stop_now = checkpointing.agreed_flags()
+        if config.checkpoint.every_epoch or save_at_epoch_end or last or stop_now:
+            checkpointing.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=metric,
+                               wait=last or stop_now)
+        if stop_now and not last:
+            return preempted(env, ddp, model, optimizer, checkpointing, run_log, stop)
     if env.is_main:
         final_uri = storage.join(run_uri, "model_final.pt")
         save_weights(final_uri, (ema.module if ema else model).state_dict(), config.model, dataset.index)
         run_log.close()
-        log.info("finished %d steps in %.1f s; final weights: %s", state.step, time.perf_counter() - started,
-                 final_uri)
+        log.info("finished %d steps in %.1f s (checkpoint stalls %.1f s); final weights: %s", state.step,
+                 time.perf_counter() - started, checkpointing.stall_seconds, final_uri)
+    checkpointing.close()
+    stop.uninstall()
     shutdown(env, ddp, model, optimizer)
-    return result
+    return EXIT_OK
+
+
+def preempted(env: DistEnv, ddp: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              checkpointing: Checkpointing, run_log: RunLog, stop: StopSignal) -> int:
+    """After the stop checkpoint: flush the logs, leave the group, and say so with EXIT_PREEMPTED."""
+    checkpointing.close()
+    run_log.close()
+    if env.is_main:
+        since = time.monotonic() - stop.at if stop.at is not None else 0.0
+        log.warning("stopped by %s: checkpoint committed %.1f s after the signal; exiting with code %d "
+                    "(preempted) so the job restarts and resumes", stop.received or "a peer's signal", since,
+                    EXIT_PREEMPTED)
+    stop.uninstall()
+    shutdown(env, ddp, model, optimizer)
+    return EXIT_PREEMPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trainer.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config (local or s3://)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--force", action="store_true",
+                        help="resume even though the model or data settings differ from the checkpoint's")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -173,11 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if env.is_main:
         log.info("resolved configuration:\n%s", config.to_yaml().rstrip())
     try:
-        train(config, env)
-    except (InputError, storage.StorageError) as exc:
+        return train(config, env, force=args.force)
+    except InputError as exc:  # config, data or checkpoint: a retry would fail the same way
         log.error("%s", exc)
-        return 1
-    return 0
+        return EXIT_CONFIG_ERROR
+    except (storage.StorageError, NonFiniteLossError) as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ so counters gathered in worker processes reach the main process without any shar
 
 from __future__ import annotations
 
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -50,7 +51,15 @@ def build_loader(dataset: CocoDetection, batch_sampler: Iterable[list[int]], wor
     if workers > 0:
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers}
     return DataLoader(dataset, batch_sampler=EpochTaggedBatches(batch_sampler), num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory, **extra)
+                      collate_fn=collate, pin_memory=pin_memory, worker_init_fn=ignore_termination, **extra)
+
+
+def ignore_termination(worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGINT: torchrun signals the whole process group on preemption, and a
+    worker dying first would crash the training process before it can save its checkpoint. The training
+    process stops its workers itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass

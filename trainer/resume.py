@@ -1,0 +1,180 @@
+"""What a training checkpoint holds and how a run continues from one, exactly where it stopped.
+
+State: model (and EMA), optimizer, LR schedule, AMP scaler, loop counters, the sampler's data position, the RNG
+states of every rank (torch, CUDA, numpy, python), epoch, best metric, the config and library versions. With the
+same world size and deterministic settings, a resumed run computes the same numbers as an uninterrupted one; with
+another world size the data order continues (no sample of the interrupted epoch repeated or skipped) and the RNG
+streams restart from the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from trainer import __version__
+from trainer.checkpoint import LoadedCheckpoint, Snapshot, cpu_copy
+from trainer.config import Config, ConfigError
+from trainer.data.sampler import ResumableDistributedBatchSampler
+from trainer.distributed import DistEnv, all_gather_objects
+from trainer.engine import ModelEma, TrainState
+
+log = logging.getLogger(__name__)
+
+# Keys a resumed run may change without --force: they do not change what is learned (or only its length).
+SAFE_TO_CHANGE = ("run.dir", "schedule.epochs", "log.", "eval.", "checkpoint.", "data.workers", "data.cache_dir",
+                  "data.cache_gb", "data.val.", "train.timeout_minutes")
+
+
+@dataclass
+class Trainables:
+    """The objects whose state a checkpoint holds."""
+
+    model: nn.Module  # unwrapped (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    sampler: ResumableDistributedBatchSampler
+    ema: ModelEma | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+@dataclass
+class ResumePoint:
+    epoch: int  # the epoch to run next (its sampler already positioned)
+    best: float | None
+    step: int
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain values only (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+# ------------------------------------------------------------------------------------------------ saving
+def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, epoch_done: bool,
+                  consumed_batches: int, best: float | None, metric: float | None) -> Snapshot | None:
+    """A CPU copy of the whole training state (a collective: every rank calls it at the same step; rank 0 gets
+    the snapshot, the others None)."""
+    rngs = all_gather_objects(env, rng_state())
+    if not env.is_main:
+        return None
+    objects: dict[str, Any] = {
+        "model": {"model": cpu_copy(t.model.state_dict()), "ema": cpu_copy(t.ema.state_dict()) if t.ema else None},
+        "optimizer": {"optimizer": cpu_copy(t.optimizer.state_dict()), "scheduler": cpu_copy(t.scheduler.state_dict()),
+                      "scaler": cpu_copy(t.scaler.state_dict()) if t.scaler else None},
+        "rng": {"world_size": env.world_size, "ranks": rngs},
+    }
+    state = {
+        "step": t.state.step, "epoch": epoch, "epoch_done": epoch_done,
+        "loop": {k: v for k, v in asdict(t.state).items() if k != "history"},
+        "sampler": t.sampler.state_dict(consumed_batches=consumed_batches) if not epoch_done else None,
+        "best": best, "metric": metric, "world_size": env.world_size,
+        "config": config.to_dict(), "config_digest": config.digest(),
+        "versions": {"trainer": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
+    return Snapshot(t.state.step, epoch, objects, state, metric)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+
+
+def _safe_to_change(key: str) -> bool:
+    return any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in SAFE_TO_CHANGE)
+
+
+def check_config(checkpoint: LoadedCheckpoint, config: Config, force: bool) -> None:
+    """A changed config is reported; changes beyond SAFE_TO_CHANGE need ``--force``."""
+    if checkpoint.state.get("config_digest") == config.digest():
+        return
+    changed = config_changes(checkpoint.state.get("config") or {}, config.to_dict())
+    risky = [key for key in changed if not _safe_to_change(key)]
+    if risky and not force:
+        raise ConfigError(f"the config differs from the checkpoint's {checkpoint.uri} in {', '.join(risky)}: "
+                          "resuming would not continue the same training; pass --force to resume anyway, or use "
+                          "another run.name")
+    log.warning("config changed since %s: %s%s", checkpoint.uri, ", ".join(changed),
+                " (resuming anyway: --force)" if risky else "")
+
+
+def restore(t: Trainables, checkpoint: LoadedCheckpoint, env: DistEnv) -> ResumePoint:
+    """Load a verified checkpoint into the trainables; returns where the loop continues."""
+    state = checkpoint.state
+    model_state = checkpoint.objects["model"]
+    t.model.load_state_dict(model_state["model"])
+    if t.ema is not None:
+        if model_state.get("ema"):
+            t.ema.load_state_dict(model_state["ema"])
+        else:
+            log.warning("the checkpoint has no EMA weights; the EMA starts again from the current weights")
+            t.ema.module.load_state_dict(model_state["model"])
+    optim_state = checkpoint.objects["optimizer"]
+    t.optimizer.load_state_dict(optim_state["optimizer"])
+    t.scheduler.load_state_dict(optim_state["scheduler"])
+    if t.scaler is not None and optim_state.get("scaler"):
+        t.scaler.load_state_dict(optim_state["scaler"])
+    for key, value in state["loop"].items():
+        setattr(t.state, key, value)
+    epoch = int(state["epoch"])
+    if state["epoch_done"]:
+        epoch += 1
+    else:
+        t.sampler.set_epoch(epoch)
+        try:
+            t.sampler.load_state_dict(state["sampler"])
+        except ValueError as exc:
+            raise ConfigError(f"{checkpoint.uri}: its data position does not fit this data set ({exc})") from exc
+    rng = checkpoint.objects["rng"]
+    if rng["world_size"] == env.world_size:
+        set_rng_state(rng["ranks"][env.rank])
+        same = "same world size: random streams restored"
+    else:
+        seed = int(state["config"]["train"]["seed"]) + env.rank + 1_000_003 * t.state.step
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        same = (f"world size {rng['world_size']} -> {env.world_size}: data order continues exactly, random "
+                "streams re-seeded")
+    where = (f"start of epoch {epoch + 1}" if state["epoch_done"] else
+             f"epoch {epoch + 1}, {t.sampler.state_dict()['position']} samples into it")
+    log.info("resumed from %s: step %d, %s (%s)", checkpoint.uri, t.state.step, where, same)
+    return ResumePoint(epoch, state.get("best"), t.state.step)

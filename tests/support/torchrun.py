@@ -25,3 +25,26 @@ def torchrun(script: Path | str, *args: str, nproc: int = 2, max_restarts: int =
     command += ["-m", str(script)] if module else [str(script)]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
+
+
+def start_torchrun(*args: str, nproc: int = 2, max_restarts: int = 0,
+                   env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``torchrun ... -m trainer.train ARGS`` started in the background, stdout and stderr merged into one pipe."""
+    port = free_port()
+    full_env = dict(os.environ if env is None else env)
+    full_env.update({"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
+                     "PYTHONPATH": str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")})
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1",
+               f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "trainer.train", *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                            cwd=REPO)
+
+
+def worker_pids(agent_pid: int) -> list[int]:
+    """The worker processes torchrun started (its direct children), from /proc."""
+    path = Path(f"/proc/{agent_pid}/task/{agent_pid}/children")
+    try:
+        return [int(pid) for pid in path.read_text().split()]
+    except OSError:
+        return []

@@ -50,8 +50,11 @@ def build_loader(dataset: CocoDetection, batch_sampler: Iterable[list[int]], wor
     extra: dict[str, Any] = {}
     if workers > 0:
         extra = {"prefetch_factor": prefetch_factor, "persistent_workers": persistent_workers}
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run (which creates
+    # one more) would diverge from an uninterrupted one. Augmentation is seeded per sample, not per worker.
     return DataLoader(dataset, batch_sampler=EpochTaggedBatches(batch_sampler), num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory, worker_init_fn=ignore_termination, **extra)
+                      collate_fn=collate, pin_memory=pin_memory, worker_init_fn=ignore_termination,
+                      generator=torch.Generator().manual_seed(0), **extra)
 
 
 def ignore_termination(worker_id: int) -> None:

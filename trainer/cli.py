@@ -179,6 +179,75 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _checkpoints_root(uri: str) -> str:
+    from trainer.checkpoint import LATEST, checkpoints_uri
+
+    nested = checkpoints_uri(uri)
+    return nested if storage.exists(storage.join(nested, LATEST)) or storage.is_dir(nested) else uri
+
+
+def cmd_ckpt_ls(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_latest
+
+    root = _checkpoints_root(args.uri)
+    found = list_checkpoints(root)
+    if not found:
+        raise InputError(f"{args.uri}: no checkpoints there (expected step-<N> folders or a checkpoints/ folder)")
+    latest = read_latest(root)
+    scored = [(c.metric, c.step) for c in found if c.committed and c.metric is not None]
+    best = max(scored)[1] if scored else None
+    rows = []
+    for item in found:
+        verified: bool | None = None
+        if args.verify and item.committed:
+            try:
+                load_checkpoint(item.uri, names=())
+                verified = True
+            except CheckpointError as exc:
+                log.error("%s", exc)
+                verified = False
+        flags = [name for name, on in (("latest", item.uri == latest), ("best", item.step == best)) if on]
+        rows.append({"step": item.step, "epoch": item.epoch + 1 if item.epoch is not None else None, "size": item.size, "metric": item.metric,
+                     "created": item.created, "committed": item.committed, "verified": verified, "flags": flags,
+                     "uri": item.uri})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return EXIT_OK
+    print(f"{'step':>9} {'epoch':>5} {'size':>9} {'metric':>7} {'created':25} {'state':10} uri")
+    for row in rows:
+        state = ("verified" if row["verified"] else "CORRUPT" if row["verified"] is False else "committed") \
+            if row["committed"] else "partial"
+        metric = f"{row['metric']:.4f}" if row["metric"] is not None else "-"
+        print(f"{row['step']:>9} {row['epoch'] if row['epoch'] is not None else '-':>5} {_human(row['size']):>9} "
+              f"{metric:>7} {row['created'] or '-':25} {state:10} {row['uri']}"
+              + (f"  ({', '.join(row['flags'])})" if row["flags"] else ""))
+    return EXIT_OK if all(row["verified"] is not False for row in rows) else EXIT_FAILURE
+
+
+def cmd_ckpt_export(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import resolve
+    from trainer.config import ModelConfig, parse_section
+    from trainer.inference import weights_payload, write_weights
+
+    checkpoint = resolve(args.uri)
+    model_state = checkpoint.objects["model"]
+    weights = model_state.get("ema") if args.ema else model_state["model"]
+    if args.ema and not weights:
+        raise InputError(f"{checkpoint.uri}: this run kept no EMA weights (train.ema was off)")
+    if args.ema:
+        weights = weights["module"]
+    classes = checkpoint.state.get("classes") or {}
+    config = checkpoint.state.get("config") or {}
+    if not classes.get("category_ids") or "model" not in config:
+        raise InputError(f"{checkpoint.uri}: the checkpoint does not name its model and classes")
+    model_config = parse_section(ModelConfig, dict(config["model"]), "model", checkpoint.uri)
+    write_weights(args.out, weights_payload(weights, model_config, classes["category_ids"], classes["category_names"]))
+    log.info("exported %s weights of step %d (%s) to %s", "EMA" if args.ema else "model", checkpoint.step,
+             checkpoint.uri, args.out)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parsing
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -271,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--config", help="for a plain state dict: the config naming the model and its classes")
     predict.add_argument("--no-pictures", action="store_true", help="only write detections.json")
     predict.set_defaults(func=cmd_predict)
+
+    ckpt = sub.add_parser("ckpt", parents=[common], help="list and export checkpoints")
+    ckpt_sub = ckpt.add_subparsers(dest="ckpt_command", required=True, metavar="{ls,export}")
+    ckpt_ls = ckpt_sub.add_parser("ls", parents=[common], help="a run's checkpoints: steps, sizes, metrics, "
+                                                              "which is latest and best")
+    ckpt_ls.add_argument("uri", help="a run folder (runs/<name>) or its checkpoints/ folder, local or s3://")
+    ckpt_ls.add_argument("--verify", action="store_true", help="read every object and check its sha256")
+    ckpt_ls.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
+    ckpt_ls.set_defaults(func=cmd_ckpt_ls)
+    ckpt_export = ckpt_sub.add_parser("export", parents=[common],
+                                      help="a weights-only file for `trainer predict`/`eval` from a checkpoint")
+    ckpt_export.add_argument("uri", help="a run (its latest checkpoint), a checkpoints folder or a step-<N> folder")
+    ckpt_export.add_argument("--out", required=True, help="the weights file to write (path or s3:// URI)")
+    ckpt_export.add_argument("--ema", action="store_true", help="export the EMA weights instead")
+    ckpt_export.set_defaults(func=cmd_ckpt_export)
     return parser
 
 

@@ -43,19 +43,24 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # ------------------------------------------------------------------------------------------ weights file
-def weights_payload(state: Mapping[str, torch.Tensor], model_config: ModelConfig,
-                    index: CocoIndex) -> dict[str, Any]:
+def weights_payload(state: Mapping[str, torch.Tensor], model_config: ModelConfig, category_ids: Sequence[int],
+                    category_names: Sequence[str]) -> dict[str, Any]:
     """What a weights file holds: only tensors, strings and numbers, so it loads with ``weights_only=True``."""
     described = dataclasses.asdict(model_config)
     described["weights"] = None  # the file is the weights; the pretrained source is history, not a dependency
     return {"format": WEIGHTS_FORMAT, "model": {k: v.detach().cpu() for k, v in state.items()},
-            "model_config": described, "category_ids": list(index.category_ids),
-            "category_names": list(index.category_names)}
+            "model_config": described, "category_ids": [int(i) for i in category_ids],
+            "category_names": [str(n) for n in category_names]}
 
 
 def save_weights(uri: str, state: Mapping[str, torch.Tensor], model_config: ModelConfig, index: CocoIndex) -> None:
+    """A weights file for the classes of ``index`` (the training set's COCO categories)."""
+    write_weights(uri, weights_payload(state, model_config, index.category_ids, index.category_names))
+
+
+def write_weights(uri: str, payload: dict[str, Any]) -> None:
     with storage.open_write(uri) as stream:  # atomic: a reader never sees half a file
-        torch.save(weights_payload(state, model_config, index), stream)
+        torch.save(payload, stream)
 
 
 @dataclass

@@ -79,7 +79,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------ saving
 def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, epoch_done: bool,
-                  consumed_batches: int, best: float | None, metric: float | None) -> Snapshot | None:
+                  consumed_batches: int, best: float | None, metric: float | None,
+                  classes: dict[str, list[Any]] | None = None) -> Snapshot | None:
     """A CPU copy of the whole training state (a collective: every rank calls it at the same step; rank 0 gets
     the snapshot, the others None)."""
     rngs = all_gather_objects(env, rng_state())
@@ -95,7 +96,7 @@ def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, ep
         "step": t.state.step, "epoch": epoch, "epoch_done": epoch_done,
         "loop": {k: v for k, v in asdict(t.state).items() if k != "history"},
         "sampler": t.sampler.state_dict(consumed_batches=consumed_batches) if not epoch_done else None,
-        "best": best, "metric": metric, "world_size": env.world_size,
+        "best": best, "metric": metric, "world_size": env.world_size, "classes": classes,
         "config": config.to_dict(), "config_digest": config.digest(),
         "versions": {"trainer": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     }

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer import storage
 from trainer.config import Config, load_config
 from trainer.data.cache import DiskCache
-from trainer.data.coco_index import load_coco_index
+from trainer.data.coco_index import CocoIndex, load_coco_index
 from trainer.data.dataset import CocoDetection, ObjectSource
 from trainer.data.loader import LoaderStats, build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler, aspect_ratio_group_ids
@@ -92,8 +92,10 @@ class Checkpointing:
     per step, so every rank snapshots at the same step and no rank runs ahead of the saved state.
     """
 
-    def __init__(self, config: Config, env: DistEnv, trainables: Trainables, stop: StopSignal) -> None:
+    def __init__(self, config: Config, env: DistEnv, trainables: Trainables, stop: StopSignal,
+                 index: CocoIndex) -> None:
         self.config, self.env, self.t, self.stop = config, env, trainables, stop
+        self.classes = {"category_ids": list(index.category_ids), "category_names": list(index.category_names)}
         self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last) if env.is_main else None
         self.last_save = time.monotonic()
         self.stall_seconds = 0.0
@@ -116,7 +118,8 @@ class Checkpointing:
              metric: float | None, wait: bool = False) -> None:
         started = time.perf_counter()
         snapshot = take_snapshot(self.t, self.env, self.config, epoch=epoch, epoch_done=epoch_done,
-                                 consumed_batches=consumed_batches, best=best, metric=metric)
+                                 consumed_batches=consumed_batches, best=best, metric=metric,
+                                 classes=self.classes)
         if self.writer is not None and snapshot is not None:
             self.writer.submit(snapshot)
             if wait:
@@ -187,7 +190,7 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     if resumed:
         run_log.forget_after(resumed.step)  # steps after the checkpoint are about to be redone
     stop = StopSignal().install()
-    checkpointing = Checkpointing(config, env, trainables, stop)
+    checkpointing = Checkpointing(config, env, trainables, stop, dataset.index)
     trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None
     stats = LoaderStats()
     total_steps = steps_per_epoch * config.schedule.epochs

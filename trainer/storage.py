@@ -406,13 +406,22 @@ def open_read(uri: str | os.PathLike[str], buffer_size: int = 1 << 20) -> IO[byt
         return open(loc, "rb")  # noqa: SIM115 - the caller owns the stream
 
 
-def read_bytes(uri: str | os.PathLike[str]) -> bytes:
-    """The whole content of a file or object."""
+def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None) -> bytes:
+    """The whole content of a file or object.
+
+    ``size_hint`` (e.g. from a manifest) above the multipart threshold fetches an S3 object as parallel ranged
+    GETs (s3transfer, pinned to one ETag), about twice as fast as one stream for large checkpoints.
+    """
     text = os.fspath(uri)
     loc = parse(text)
     if isinstance(loc, Path):
         with _errors(text):
             return loc.read_bytes()
+    if size_hint is not None and size_hint > MULTIPART_THRESHOLD:
+        buffer = io.BytesIO()
+        with _errors(text):
+            s3_client().download_fileobj(loc.bucket, loc.key, buffer, Config=_transfer_config(download=True))
+        return buffer.getvalue()
     parts: list[bytes] = []
     received = 0
     etag: str | None = None

@@ -142,15 +142,14 @@ def resume_point(config: Config, env: DistEnv, trainables: Trainables, force: bo
     setting = config.checkpoint.resume
     if setting == "never":
         return None
-    chosen: str | None = None
+    found = None
     if env.is_main:
         found = resolve(setting) if setting != "auto" else find_resumable(checkpoints_uri(config.run_uri))
-        chosen = found.uri if found is not None else None
-    chosen = broadcast_object(env, chosen)
+    chosen = broadcast_object(env, found.uri if found is not None else None)
     if chosen is None:
         log.info("no checkpoint under %s: starting from scratch", checkpoints_uri(config.run_uri))
         return None
-    checkpoint = load_checkpoint(chosen)
+    checkpoint = found if found is not None else load_checkpoint(chosen)  # rank 0 has it verified already
     check_config(checkpoint, config, force)
     return restore(trainables, checkpoint, env)
 

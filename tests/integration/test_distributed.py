@@ -50,3 +50,45 @@ def test_group_re_forms_after_torchrun_restarts_the_workers(tmp_path: Path) -> N
         "rank=0 world=2 sum=3 ranks=[0, 1] word=hello restart=1 backend=gloo",
         "rank=1 world=2 sum=3 ranks=[0, 1] word=hello restart=1 backend=gloo",
     ]
+
+
+DDP_WORKER = """
+import hashlib, torch
+from torch.nn.parallel import DistributedDataParallel
+from trainer.config import ModelConfig, OptimConfig
+from trainer.distributed import init_distributed, all_gather_objects, shutdown
+from trainer.engine import TrainState, train_step
+from trainer.models import build_model
+from trainer.optim import build_optimizer
+env = init_distributed(timeout_minutes=2)
+torch.manual_seed(0)  # the same initial weights on both ranks (DDP also broadcasts rank 0's)
+model = build_model(ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", min_size=96, max_size=96), 3)
+initial = {k: v.clone() for k, v in model.state_dict().items()}
+ddp = DistributedDataParallel(model)
+optimizer = build_optimizer(model, OptimConfig(lr=0.01))
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+torch.manual_seed(100 + env.rank)  # different data on each rank
+state = TrainState()
+for _ in range(2):
+    images = [torch.randint(0, 255, (3, 96, 96), dtype=torch.uint8) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[5.0, 5, 40, 40]]) + 30 * torch.rand(1), "labels": torch.tensor([1 + env.rank])}
+               for _ in range(2)]
+    train_step(ddp, optimizer, scheduler, images, targets, torch.device("cpu"), state)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+changed = sum(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
+print(f"RESULT rank={env.rank} digest={digest} changed={changed} digests={all_gather_objects(env, digest)}", flush=True)
+shutdown(env, ddp, model, optimizer)
+"""
+
+
+def test_ddp_training_steps_keep_both_ranks_weights_identical(tmp_path: Path) -> None:
+    """Each rank sees different images; identical weights afterwards mean the gradients were averaged."""
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER)
+    result = torchrun(script)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = re.findall(r"RESULT rank=(\d) digest=(\w+) changed=(\d+) digests=\['(\w+)', '(\w+)'\]", result.stdout)
+    assert len(lines) == 2
+    for _, digest, changed, first, second in lines:
+        assert first == second == digest
+        assert int(changed) > 100  # training did move the weights

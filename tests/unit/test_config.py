@@ -106,7 +106,14 @@ def test_parse_override_reads_yaml_scalars() -> None:
     assert parse_override("a.b=") == ("a.b", "")
 
 
-@pytest.mark.parametrize("name", ["bccd_frcnn.yaml", "tiny_cpu.yaml", "shapes.yaml"])
-def test_example_configs_are_valid(name: str) -> None:
-    config = load_config(str(Path(__file__).resolve().parents[2] / "configs" / name))
-    assert config.data.train.coco.endswith("train.json") and config.data.val.coco.endswith("val.json")
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_are_valid(path: Path) -> None:
+    if path.name == "demo_cpu.yaml":  # scripts/demo.py adds the data locations in its bucket
+        config = load_config(str(path), require_data=False)
+        assert not config.data.train.coco
+    else:
+        config = load_config(str(path))
+        assert config.data.train.coco.endswith("train.json") and config.data.val.coco.endswith("val.json")

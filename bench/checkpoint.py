@@ -38,6 +38,8 @@ from trainer.models import build_model  # noqa: E402
 from trainer.synth import make_shapes_dataset  # noqa: E402
 
 MODEL = "fasterrcnn_resnet50_fpn"
+STOP_SAVE = re.compile(r"checkpoint committed ([\d.]+) s after the signal")
+STOP_SECONDS: list[float] = []  # SIGTERM → stop checkpoint committed, per round
 FIRST_STEP = re.compile(r"epoch \d+/\d+ step \d+/\d+ loss")  # the first progress line, fresh or resumed
 
 
@@ -104,6 +106,8 @@ def first_step_seconds(overrides: list[str]) -> float:
     assert proc.stdout is not None
     elapsed = None
     for line in proc.stdout:
+        if match := STOP_SAVE.search(line):
+            STOP_SECONDS.append(float(match.group(1)))
         if FIRST_STEP.search(line) and elapsed is None:
             elapsed = time.perf_counter() - started
             proc.terminate()  # SIGTERM: it saves a stop checkpoint, which the next round resumes from
@@ -125,6 +129,8 @@ def resume_time(bucket: str, workdir: Path, repeats: int) -> None:
     fresh_s, resumed_s = statistics.median(fresh), statistics.median(resumed[1:])
     print(f"| time to first step | {resumed_s:.2f} s resuming | {fresh_s:.2f} s fresh start | "
           f"{resumed_s / fresh_s:.2f} (<= 1.2) |")
+    print(f"| SIGTERM to committed stop checkpoint | {statistics.median(STOP_SECONDS):.1f} s (median of "
+          f"{len(STOP_SECONDS)}) | grace period 30 s | - |")
 
 
 def main() -> None:

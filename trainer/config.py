@@ -129,6 +129,7 @@ class CheckpointConfig:
     every_minutes: float = 15.0  # 0: off
     every_epoch: bool = True  # also at the end of each epoch (after its evaluation); always at the end of the run
     keep_last: int = 3  # plus the best by eval.metric
+    grace_seconds: float = 30.0  # the pod's terminationGracePeriodSeconds: warn when a stop checkpoint may not fit
     resume: str = "auto"  # auto (latest in this run, if any) | never | <URI of a checkpoint, checkpoints or run folder>
 
 
@@ -350,6 +351,7 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     check(config.eval.every_epochs >= 0, "eval.every_epochs", "must be 0 (never) or more")
     check(config.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or more")
     check(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be 0 (off) or more")
+    check(config.checkpoint.grace_seconds > 0, "checkpoint.grace_seconds", "must be > 0")
     check(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1")
     check(bool(config.checkpoint.resume.strip()), "checkpoint.resume", "use auto, never or a checkpoint URI")
     check(config.log.sample_trace is None or not storage.is_s3(config.log.sample_trace), "log.sample_trace",

@@ -99,6 +99,7 @@ class Checkpointing:
         self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last) if env.is_main else None
         self.last_save = time.monotonic()
         self.stall_seconds = 0.0
+        self.warned_grace = False
 
     def agreed_flags(self) -> tuple[bool, bool]:
         """(time for a timed checkpoint, stop requested) as every rank sees them."""
@@ -131,6 +132,18 @@ class Checkpointing:
             log.info("checkpoint step %d: %s", self.t.state.step,
                      f"saved in {stalled:.2f} s" if wait else
                      f"training paused {stalled:.2f} s for the snapshot; uploading in the background")
+
+    def check_grace(self, step_seconds: float) -> None:
+        """Warn once when finishing a step plus a blocking save would not fit the grace period."""
+        committed = self.writer.last_committed if self.writer is not None else None
+        if committed is None or self.warned_grace:
+            return
+        needed = step_seconds + committed.seconds
+        if needed > 0.8 * self.config.checkpoint.grace_seconds:
+            self.warned_grace = True
+            log.warning("a stop checkpoint needs about %.0f s (one step %.1f s + save %.1f s), close to or over "
+                        "checkpoint.grace_seconds=%g: raise the pod's terminationGracePeriodSeconds (and this key)",
+                        needed, step_seconds, committed.seconds, self.config.checkpoint.grace_seconds)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -230,6 +243,7 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
                                "lr": line.lr, "images_per_s": rate, "data_wait": line.data_wait,
                                **stats.snapshot().as_dict()})
                 window_start, wait, images_seen = time.perf_counter(), 0.0, 0
+                checkpointing.check_grace(len(images) * env.world_size / max(rate, 1e-9))
             save_now, stop_now = checkpointing.due(state.step)
             save_at_epoch_end = save_now and batch_index + 1 == len(loader)
             if save_now and not save_at_epoch_end:  # at the end of an epoch, save after its evaluation

@@ -103,7 +103,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     terms = {name: float(value.detach()) for name, value in loss_dict.items()}
     total = float(loss.detach())
     state.micro_step += 1
-    if not math.isfinite(total):
+    if not _all_finite(math.isfinite(total)):  # every rank skips together, or DDP's backward would hang
         state.nonfinite_in_a_row += 1
         state.nonfinite_total += 1
         optimizer.zero_grad(set_to_none=True)
@@ -135,6 +135,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if ema is not None:
         ema.update(model)
     return StepOutcome(total, terms, True, True)
+
+
+def _all_finite(finite: bool) -> bool:
+    """True when the loss is finite on every rank (one tiny all-reduce when a process group exists)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return finite
+    flag = torch.tensor([1.0 if finite else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        flag = flag.cuda()
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 @torch.no_grad()

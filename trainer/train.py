@@ -105,7 +105,7 @@ class Checkpointing:
         """(time for a timed checkpoint, stop requested) as every rank sees them."""
         minutes = self.config.checkpoint.every_minutes
         timed = bool(minutes) and self.env.is_main and time.monotonic() - self.last_save >= minutes * 60
-        flags = torch.tensor([float(timed), float(self.stop.requested)])
+        flags = torch.tensor([float(timed), float(self.stop.requested)], device=self.env.device)  # NCCL: on GPU
         if self.env.distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])

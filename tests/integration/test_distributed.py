@@ -92,3 +92,50 @@ def test_ddp_training_steps_keep_both_ranks_weights_identical(tmp_path: Path) ->
     for _, digest, changed, first, second in lines:
         assert first == second == digest
         assert int(changed) > 100  # training did move the weights
+
+
+NAN_WORKER = """
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from trainer.distributed import init_distributed, shutdown
+from trainer.engine import TrainState, train_step
+env = init_distributed(timeout_minutes=1)
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, images, targets):
+        loss = (self.w * images[0].float().mean()).sum()
+        return {"loss": loss * float("nan") if targets[0]["poison"] else loss}
+
+
+model = Tiny()
+ddp = DistributedDataParallel(model)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+state = TrainState()
+outcomes = []
+for step in range(3):  # step 1: only rank 1 gets a NaN loss
+    poison = step == 1 and env.rank == 1
+    outcome = train_step(ddp, optimizer, scheduler, [torch.ones(3, 4, 4)], [{"poison": poison}],
+                         torch.device("cpu"), state)
+    outcomes.append(outcome.optimizer_stepped)
+print(f"RESULT rank={env.rank} stepped={outcomes} steps={state.step} w={model.w.tolist()}", flush=True)
+shutdown(env, ddp, model, optimizer)
+"""
+
+
+def test_a_nan_loss_on_one_rank_is_skipped_by_every_rank(tmp_path: Path) -> None:
+    """Without agreeing, the clean rank would wait forever in DDP's gradient all-reduce."""
+    script = tmp_path / "nan_worker.py"
+    script.write_text(NAN_WORKER)
+    result = torchrun(script, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = sorted(re.findall(r"RESULT (rank=\d stepped=\[.*?\] steps=\d w=\[.*?\])", result.stdout))
+    assert len(lines) == 2
+    for line in lines:
+        assert "stepped=[True, False, True] steps=2" in line
+    assert lines[0].split(" w=")[1] == lines[1].split(" w=")[1]

@@ -39,6 +39,9 @@ def test_two_processes_train_evaluate_and_write_outputs(tmp_path: Path) -> None:
     assert {r["kind"] for r in records} == {"train", "eval"}
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["epoch"] for r in evals] == [1, 2] and set(evals[-1]["per_class_ap"]) == {"circle", "square", "triangle"}
+    logged_rates = [p.images_per_s for p in progress]
+    recorded_rates = [r["images_per_s"] for r in records if r["kind"] == "train"]
+    assert recorded_rates == pytest.approx(logged_rates, abs=0.051)  # the training rate, not a loader counter
     assert (run / "config.yaml").read_text().startswith("run:")
     weights = torch.load(run / "model_final.pt", weights_only=True)
     assert weights["format"] == WEIGHTS_FORMAT and weights["category_names"] == ["circle", "square", "triangle"]

@@ -74,7 +74,7 @@ class LoaderSnapshot:
     skipped: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"images_per_s": round(self.images_per_s, 2), "fetch_p50_ms": round(self.fetch_p50_ms, 2),
+        return {"loader_images_per_s": round(self.images_per_s, 2), "fetch_p50_ms": round(self.fetch_p50_ms, 2),
                 "fetch_p95_ms": round(self.fetch_p95_ms, 2), "cache_hit_rate": self.cache_hit_rate,
                 "skipped_images": self.skipped}
 

@@ -1,0 +1,57 @@
+"""trainer.resume: RNG states round-trip through a weights_only checkpoint; config changes are classified."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.checkpoint import LoadedCheckpoint
+from trainer.config import ConfigError, load_config
+from trainer.resume import check_config, config_changes, rng_state, set_rng_state
+
+DATA = ["data.train.coco=/d/train.json", "data.train.images=/d/images"]
+
+
+def test_rng_states_survive_a_weights_only_round_trip() -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9)
+    np.random.seed(9)
+    random.seed(9)
+    set_rng_state(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def checkpoint_of(overrides: list[str]) -> LoadedCheckpoint:
+    config = load_config(None, [*DATA, *overrides])
+    return LoadedCheckpoint("runs/x/checkpoints/step-000000010", 10, 0,
+                            {"config": config.to_dict(), "config_digest": config.digest()}, {}, None)
+
+
+def test_safe_changes_proceed_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    check_config(checkpoint_of([]), load_config(None, [*DATA, "schedule.epochs=30", "log.every_steps=5",
+                                                       "data.workers=8"]), force=False)
+    assert "config changed since runs/x/checkpoints/step-000000010: data.workers, log.every_steps, " \
+           "schedule.epochs" in caplog.text
+
+
+@pytest.mark.parametrize("change", ["model.name=fasterrcnn_resnet50_fpn", "optim.lr=0.5", "data.batch_size=8",
+                                    "data.train.coco=/other/train.json"])
+def test_model_optimizer_and_data_changes_need_force(change: str) -> None:
+    new = load_config(None, [*DATA, change])
+    with pytest.raises(ConfigError, match=f"differs from the checkpoint's .* in {change.split('=')[0]}.*--force"):
+        check_config(checkpoint_of([]), new, force=False)
+    check_config(checkpoint_of([]), new, force=True)  # allowed when forced
+
+
+def test_config_changes_lists_nested_keys() -> None:
+    assert config_changes({"a": {"b": 1, "c": [1]}, "d": 2}, {"a": {"b": 2, "c": [1]}, "e": 3}) == ["a.b", "d", "e"]

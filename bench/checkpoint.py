@@ -89,7 +89,7 @@ def stall_and_throughput(bucket: str, repeats: int) -> None:
     ours_rate = size / statistics.median(ours_upload) / 1e6
     base_rate = size / statistics.median(base_upload) / 1e6
     print(f"checkpoint of {MODEL} + SGD momentum: {size / 1e6:.0f} MB, median of {repeats}")
-    print(f"| measure | ours | baseline | ratio (target) |\n|---|---|---|---|")
+    print("| measure | ours | baseline | ratio (target) |\n|---|---|---|---|")
     print(f"| training stall per checkpoint | {stall:.3f} s | {base:.3f} s (torch.save + upload) | "
           f"{stall / base:.3f} (<= 0.10) |")
     print(f"| upload throughput | {ours_rate:.0f} MB/s (upload + sha256 after serialising) | {base_rate:.0f} MB/s "

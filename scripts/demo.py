@@ -110,8 +110,8 @@ def main() -> int:
 
         run = f"s3://{BUCKET}/runs/bccd-demo"
         say(f"Training on 2 CPU processes under torchrun: images read from S3, checkpoints and metrics to {run}")
-        settings = [f"data.train.coco=s3://{BUCKET}/bccd/coco/train.json", f"data.train.images=s3://{BUCKET}/bccd",
-                    f"data.val.coco=s3://{BUCKET}/bccd/coco/val.json", f"data.val.images=s3://{BUCKET}/bccd",
+        settings = [f"data.train.coco=s3://{BUCKET}/bccd/coco/train.json", f"data.train.images=s3://{BUCKET}/bccd/JPEGImages",
+                    f"data.val.coco=s3://{BUCKET}/bccd/coco/val.json", f"data.val.images=s3://{BUCKET}/bccd/JPEGImages",
                     f"run.dir=s3://{BUCKET}/runs", f"schedule.epochs={args.epochs}"]
         torchrun(env, 2, "--config", "configs/demo_cpu.yaml", *[x for s in settings for x in ("--set", s)])
 

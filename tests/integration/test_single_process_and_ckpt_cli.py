@@ -72,3 +72,17 @@ def test_export_ema_and_model_weights_then_predict(finished_run: Path, tmp_path:
     assert cli.main(["predict", "--weights", str(tmp_path / "ema.pt"), "--images", str(images),
                      "--out", str(tmp_path / "pred"), "--no-pictures"]) == 0
     assert isinstance(json.loads((tmp_path / "pred" / "detections.json").read_text()), list)
+
+
+def test_a_data_error_ends_the_run_with_exit_2_instead_of_hanging(tmp_path: Path) -> None:
+    """Every image missing (a wrong data.train.images): loader workers raise, the run stops with the config-error
+    code, and its exit does not wait on the loader workers."""
+    data = make_shapes_dataset(str(tmp_path / "shapes"), n=6, size=96, seed=2)
+    settings = [f"data.train.coco={data.train_uri}", f"data.train.images={tmp_path / 'nowhere'}",
+                f"run.dir={tmp_path / 'runs'}", "data.workers=2", "data.batch_size=2",
+                "model.name=fasterrcnn_mobilenet_v3_large_320_fpn", "model.min_size=96", "model.max_size=96"]
+    result = subprocess.run([sys.executable, "-m", "trainer.train", *[x for s in settings for x in ("--set", s)]],
+                            capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "are all unreadable" in result.stderr

@@ -7,6 +7,7 @@ so counters gathered in worker processes reach the main process without any shar
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections import deque
@@ -53,16 +54,21 @@ def build_loader(dataset: CocoDetection, batch_sampler: Iterable[list[int]], wor
     # Its own generator: creating an iterator must not draw from the global RNG, or a resumed run (which creates
     # one more) would diverge from an uninterrupted one. Augmentation is seeded per sample, not per worker.
     return DataLoader(dataset, batch_sampler=EpochTaggedBatches(batch_sampler), num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory, worker_init_fn=ignore_termination,
+                      collate_fn=collate, pin_memory=pin_memory, worker_init_fn=detach_from_signals,
                       generator=torch.Generator().manual_seed(0), **extra)
 
 
-def ignore_termination(worker_id: int) -> None:
-    """Loader workers ignore SIGTERM/SIGINT: torchrun signals the whole process group on preemption, and a
-    worker dying first would crash the training process before it can save its checkpoint. The training
-    process stops its workers itself when it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def detach_from_signals(worker_id: int) -> None:
+    """Loader workers leave the training process's process group and take default signal handlers.
+
+    torchrun stops a worker by signalling its whole process group (SIGTERM on preemption): workers that died
+    first would crash the training process before it can save its checkpoint. In their own group they keep
+    serving batches; the training process stops them when it exits (and they exit if it dies). They must not keep
+    the training process's SIGTERM handler, or that stop would be ignored and the exit would wait forever.
+    """
+    os.setpgrp()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
 
 
 @dataclass

@@ -22,7 +22,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -108,13 +108,11 @@ class CheckpointWriter:
     save tries again). ``wait`` blocks until the upload in flight is committed (or failed) and says which.
     """
 
-    def __init__(self, run_uri: str, keep_last: int = 3, attempts: int = 3, retry_wait_s: float = 2.0,
-                 on_commit: Callable[[CommitResult], None] | None = None) -> None:
+    def __init__(self, run_uri: str, keep_last: int = 3, attempts: int = 3, retry_wait_s: float = 2.0) -> None:
         self.root = checkpoints_uri(run_uri)
         self.keep_last = keep_last
         self.attempts = attempts
         self.retry_wait_s = retry_wait_s
-        self.on_commit = on_commit
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
         self._future: Future[CommitResult | None] | None = None
         self._lock = threading.Lock()
@@ -184,8 +182,6 @@ class CheckpointWriter:
             self.last_committed = result
         log.info("checkpoint committed: %s (%.1f MB in %.1f s)", folder, size / 1e6, result.seconds)
         self._retain(snapshot.step)
-        if self.on_commit is not None:
-            self.on_commit(result)
         return result
 
     def _retain(self, latest: int) -> None:

@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,8 @@ from trainer.data.loader import LoaderStats, build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler, aspect_ratio_group_ids
 from trainer.data.tiles import TileSpec
 from trainer.data.transforms import build_transforms
-from trainer.checkpoint import CheckpointWriter, checkpoints_uri, find_resumable, load_checkpoint, resolve
+from trainer.checkpoint import (CheckpointWriter, LoadedCheckpoint, checkpoints_uri, find_resumable,
+                                load_checkpoint, resolve)
 from trainer.distributed import DistEnv, broadcast_object, init_distributed, shutdown
 from trainer.engine import ModelEma, NonFiniteLossError, TrainState, train_step
 from trainer.errors import InputError
@@ -150,19 +152,36 @@ class Checkpointing:
             self.writer.close()
 
 
-def resume_point(config: Config, env: DistEnv, trainables: Trainables, force: bool) -> ResumePoint | None:
-    """Where this run continues: rank 0 picks a checkpoint that verifies, every rank loads that one."""
+def start_resume_lookup(config: Config) -> Future[LoadedCheckpoint | None] | None:
+    """Find, download and verify the checkpoint to resume from in the background, while the data index and the
+    model are built (every rank does it: a restarted job's start-up is dominated by this download)."""
     setting = config.checkpoint.resume
     if setting == "never":
         return None
-    found = None
-    if env.is_main:
-        found = resolve(setting) if setting != "auto" else find_resumable(checkpoints_uri(config.run_uri))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="resume-lookup")
+    future = pool.submit(lambda: resolve(setting) if setting != "auto"
+                         else find_resumable(checkpoints_uri(config.run_uri)))
+    pool.shutdown(wait=False)
+    return future
+
+
+def resume_point(lookup: Future[LoadedCheckpoint | None] | None, config: Config, env: DistEnv,
+                 trainables: Trainables, force: bool) -> ResumePoint | None:
+    """Where this run continues: the checkpoint rank 0 found; other ranks use their own copy when it is the same
+    one (the usual case) and load rank 0's choice otherwise."""
+    if lookup is None:
+        return None
+    try:
+        found = lookup.result()
+    except InputError:
+        if env.is_main:
+            raise
+        found = None  # rank 0 reports it; this rank follows rank 0's choice below
     chosen = broadcast_object(env, found.uri if found is not None else None)
     if chosen is None:
         log.info("no checkpoint under %s: starting from scratch", checkpoints_uri(config.run_uri))
         return None
-    checkpoint = found if found is not None else load_checkpoint(chosen)  # rank 0 has it verified already
+    checkpoint = found if found is not None and found.uri == chosen else load_checkpoint(chosen)
     check_config(checkpoint, config, force)
     return restore(trainables, checkpoint, env)
 
@@ -174,6 +193,7 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     if config.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_uri = config.run_uri
+    lookup = start_resume_lookup(config)
     if env.is_main:
         storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
         log.info("run outputs under %s", run_uri)
@@ -192,7 +212,7 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     ema = ModelEma(model, config.train.ema_decay) if config.train.ema else None
     state = TrainState()
     trainables = Trainables(model, optimizer, scheduler, state, sampler, ema, scaler)
-    resumed = resume_point(config, env, trainables, force)
+    resumed = resume_point(lookup, config, env, trainables, force)
     start_epoch, best = (resumed.epoch, resumed.best) if resumed else (0, None)
     if start_epoch >= config.schedule.epochs:
         log.info("the checkpoint is from the end of training (%d epochs): nothing left to train",

@@ -31,8 +31,8 @@ from trainer.data.loader import LoaderStats, build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler, aspect_ratio_group_ids
 from trainer.data.tiles import TileSpec
 from trainer.data.transforms import build_transforms
-from trainer.checkpoint import (CheckpointWriter, LoadedCheckpoint, checkpoints_uri, find_resumable,
-                                load_checkpoint, resolve)
+from trainer.checkpoint import (CheckpointError, CheckpointWriter, LoadedCheckpoint, checkpoints_uri,
+                                find_resumable, load_checkpoint, resolve)
 from trainer.distributed import DistEnv, broadcast_object, init_distributed, shutdown
 from trainer.engine import ModelEma, NonFiniteLossError, TrainState, train_step
 from trainer.errors import InputError
@@ -183,7 +183,11 @@ def resume_point(lookup: Future[LoadedCheckpoint | None] | None, config: Config,
         return None
     checkpoint = found if found is not None and found.uri == chosen else load_checkpoint(chosen)
     check_config(checkpoint, config, force)
-    return restore(trainables, checkpoint, env)
+    try:
+        return restore(trainables, checkpoint, env)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # e.g. --force over a model change
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{checkpoint.uri}: cannot restore this run from it ({first})") from exc
 
 
 def train(config: Config, env: DistEnv, force: bool = False) -> int:
@@ -194,9 +198,6 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
         torch.use_deterministic_algorithms(True, warn_only=True)
     run_uri = config.run_uri
     lookup = start_resume_lookup(config)
-    if env.is_main:
-        storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
-        log.info("run outputs under %s", run_uri)
     dataset, sampler = build_train_data(config, env)
     loader = build_loader(dataset, sampler, workers=config.data.workers)
     model: torch.nn.Module = build_model(config.model, dataset.index.num_classes).to(env.device)
@@ -213,6 +214,9 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     state = TrainState()
     trainables = Trainables(model, optimizer, scheduler, state, sampler, ema, scaler)
     resumed = resume_point(lookup, config, env, trainables, force)
+    if env.is_main:  # only now: a refused resume must not overwrite the run's record of its config
+        storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
+        log.info("run outputs under %s", run_uri)
     start_epoch, best = (resumed.epoch, resumed.best) if resumed else (0, None)
     if start_epoch >= config.schedule.epochs:
         log.info("the checkpoint is from the end of training (%d epochs): nothing left to train",

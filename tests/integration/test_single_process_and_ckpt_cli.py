@@ -86,3 +86,17 @@ def test_a_data_error_ends_the_run_with_exit_2_instead_of_hanging(tmp_path: Path
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr[-3000:]
     assert "are all unreadable" in result.stderr
+
+
+def test_forcing_a_resume_across_a_model_change_fails_with_one_clear_line(finished_run: Path) -> None:
+    command = [sys.executable, "-m", "trainer.train", "--config", str(finished_run / "config.yaml"),
+               "--set", "schedule.epochs=3", "--set", "model.options.box_batch_size_per_image=16",
+               "--set", "model.anchor_sizes=[[16, 32], [16, 32], [16, 32]]"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    recorded = (finished_run / "config.yaml").read_text()
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert refused.returncode == 2 and "pass --force" in refused.stderr
+    assert (finished_run / "config.yaml").read_text() == recorded  # the run's record is left alone
+    forced = subprocess.run([*command, "--force"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert forced.returncode == 2, forced.stderr[-3000:]
+    assert "cannot restore this run from it" in forced.stderr and "Traceback" not in forced.stderr

@@ -12,16 +12,21 @@ from trainer.local_s3 import free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
-def torchrun(script: Path | str, *args: str, nproc: int = 2, max_restarts: int = 0, timeout: float = 300,
-             env: dict[str, str] | None = None, module: bool = False) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc-per-node=N`` on this machine, every socket on 127.0.0.1."""
-    port = free_port()
+def _loopback_launch(nproc: int, max_restarts: int, env: dict[str, str] | None) -> tuple[list[str], dict[str, str]]:
+    """The torchrun command prefix and environment: rendezvous, gloo and every socket on 127.0.0.1."""
     full_env = dict(os.environ if env is None else env)
     full_env.update({"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
                      "PYTHONPATH": str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")})
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1",
                f"--max-restarts={max_restarts}", "--monitor-interval=0.5"]
+    return command, full_env
+
+
+def torchrun(script: Path | str, *args: str, nproc: int = 2, max_restarts: int = 0, timeout: float = 300,
+             env: dict[str, str] | None = None, module: bool = False) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc-per-node=N`` on this machine, every socket on 127.0.0.1."""
+    command, full_env = _loopback_launch(nproc, max_restarts, env)
     command += ["-m", str(script)] if module else [str(script)]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO)
@@ -30,15 +35,9 @@ def torchrun(script: Path | str, *args: str, nproc: int = 2, max_restarts: int =
 def start_torchrun(*args: str, nproc: int = 2, max_restarts: int = 0,
                    env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """``torchrun ... -m trainer.train ARGS`` started in the background, stdout and stderr merged into one pipe."""
-    port = free_port()
-    full_env = dict(os.environ if env is None else env)
-    full_env.update({"GLOO_SOCKET_IFNAME": "lo", "TP_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-                     "PYTHONPATH": str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")})
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1",
-               f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "trainer.train", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
-                            cwd=REPO)
+    command, full_env = _loopback_launch(nproc, max_restarts, env)
+    return subprocess.Popen([*command, "-m", "trainer.train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO)
 
 
 def worker_pids(agent_pid: int) -> list[int]:

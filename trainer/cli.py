@@ -90,9 +90,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
         difficult=args.difficult, strict=args.strict, workers=args.workers, report=args.report,
         splits=[s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None,
     )
+    if args.skip_if_done:
+        if not args.report:
+            print("trainer: error: convert: --skip-if-done needs --report (the record of a previous conversion)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        done = previous_conversion(args.report, options.splits)
+        if done:
+            log.info("convert: skipped: %s", done)
+            return EXIT_OK
     result = convert(options)
     print(summary_text(result), file=sys.stderr)
     return result.exit_code
+
+
+def previous_conversion(report_uri: str, splits: list[str] | None) -> str | None:
+    """Why a conversion can be skipped (its report says it succeeded and its outputs exist), or None.
+
+    The chart's convert step runs on every install and upgrade; this makes it idempotent. Anything odd about the
+    report (missing, unreadable, not ok, an output gone) means converting again, never skipping wrongly.
+    """
+    try:
+        report = json.loads(storage.read_text(report_uri))
+    except storage.StorageError:
+        return None
+    except ValueError as exc:
+        log.warning("convert: %s is not valid JSON (%s); converting again", report_uri, exc)
+        return None
+    if not isinstance(report, dict) or report.get("ok") is not True or not isinstance(report.get("splits"), dict):
+        log.info("convert: %s does not record a successful conversion; converting again", report_uri)
+        return None
+    recorded: dict[str, Any] = report["splits"]
+    wanted = splits if splits is not None else list(recorded)
+    outputs = [recorded.get(split, {}).get("uri") if isinstance(recorded.get(split), dict) else None
+               for split in wanted]
+    if not wanted or not all(isinstance(uri, str) and storage.exists(uri) for uri in outputs):
+        log.info("convert: %s lacks an output for splits %s; converting again", report_uri, ",".join(wanted))
+        return None
+    return f"{report_uri} records a successful conversion and {', '.join(outputs)} exist (drop --skip-if-done to redo it)"
 
 
 def _dataset(args: argparse.Namespace, transforms: Any = None) -> CocoDetection:
@@ -294,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--workers", type=int, default=PROCESS_WORKERS,
                       help="parallel parser processes (the output does not depend on it)")
     conv.add_argument("--report", help="write every problem, file by file, as JSON to this path/URI")
+    conv.add_argument("--skip-if-done", action="store_true",
+                      help="do nothing when --report records a successful conversion whose outputs all exist "
+                           "(the chart's convert step, run on every install and upgrade)")
     conv.set_defaults(func=cmd_convert)
 
     data_args = argparse.ArgumentParser(add_help=False)

@@ -243,3 +243,26 @@ def test_thousands_of_objects_in_one_image(tmp_path: Path) -> None:
     assert result.exit_code == 0 and result.objects_per_class == {"c": 5000}
     annotations = load(tmp_path / "out/all.json")["annotations"]
     assert [a["id"] for a in annotations] == list(range(1, 5001))
+
+
+def test_skip_if_done_trusts_only_a_successful_report_whose_outputs_exist(tmp_path: Path) -> None:
+    """The chart runs convert on every install/upgrade: a finished conversion is kept, anything else is redone."""
+    root = make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("cat", 1, 1, 20, 20)]),
+                                       "b.xml": voc_xml("b.jpg", [("dog", 2, 2, 30, 30)])},
+                    ["a.jpg", "b.jpg"], splits={"train": ["a"], "val": ["b"]})
+    out, report = tmp_path / "coco", tmp_path / "coco" / "report.json"
+    args = ("--voc-root", str(root), "--out", str(out), "--report", str(report), "--skip-if-done")
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "skipped" not in first.stderr and (out / "train.json").exists()
+    (out / "train.json").write_text("kept")  # a skip must not touch the outputs
+    second = cli(*args)
+    assert second.returncode == 0 and "skipped" in second.stderr
+    assert (out / "train.json").read_text() == "kept"
+    (out / "val.json").unlink()  # an output is gone: convert again
+    third = cli(*args)
+    assert "skipped" not in third.stderr and load(out / "train.json")["images"]
+    report.write_text("{not json")
+    fourth = cli(*args)
+    assert fourth.returncode == 0 and "not valid JSON" in fourth.stderr and "skipped" not in fourth.stderr
+    assert cli("--voc-root", str(root), "--out", str(out), "--skip-if-done").returncode == 2

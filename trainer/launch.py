@@ -1,0 +1,90 @@
+"""``trainer-launch``: torchrun with the trainer's exit codes, for pods.
+
+torchrun itself exits 1 whatever its workers returned, so a pod could not tell a preempted run (workers exit 75
+after committing a checkpoint) or a bad config (exit 2) from a crash, and the Job's pod failure policy could
+not treat them differently. This wrapper takes exactly torchrun's arguments, runs its agent in this process and
+turns the outcome into one exit code (see trainer/exit_codes.py):
+
+- every worker succeeded: 0;
+- any worker exited 2 (bad config or input): 2, which the chart's Job fails at once;
+- every failed worker exited 75, or this agent got SIGTERM/SIGINT (the pod is being stopped): 75, which the
+  chart does not count against the restart budget;
+- anything else (a crash, a lost peer, a rendezvous that timed out): 1, which the Job retries.
+
+Under an Indexed Job it also decides which pod hosts the c10d rendezvous store: the pod whose
+``TRAINER_NODE_INDEX`` is 0, instead of torchrun's guess from host names (which misses when the endpoint is a
+short service name and the pod's canonical name is its fully qualified one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from trainer.exit_codes import DESCRIPTIONS, EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+
+log = logging.getLogger("trainer.launch")
+
+NODE_INDEX_ENV = "TRAINER_NODE_INDEX"
+
+
+def exit_code_for(worker_codes: Iterable[int]) -> int:
+    """One exit code for the pod from its failed workers' exit codes (negative: killed by that signal)."""
+    codes = set(worker_codes)
+    if EXIT_CONFIG_ERROR in codes:
+        return EXIT_CONFIG_ERROR
+    if codes and codes <= {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED
+    return EXIT_FAILURE if codes else EXIT_OK
+
+
+def with_rendezvous_host(args: Any, environ: dict[str, str]) -> None:
+    """Add ``is_host=<index == 0>`` to a c10d rendezvous's options when the node index is known and unset."""
+    index = environ.get(NODE_INDEX_ENV, "").strip()
+    options = [item for item in (args.rdzv_conf or "").split(",") if item.strip()]
+    if args.rdzv_backend != "c10d" or not index or any(item.split("=")[0].strip() == "is_host" for item in options):
+        return
+    if not index.isdigit():
+        raise ValueError(f"{NODE_INDEX_ENV}={index!r} is not a node index (0, 1, ...)")
+    options.append(f"is_host={'true' if int(index) == 0 else 'false'}")
+    args.rdzv_conf = ",".join(options)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import parse_args, run
+
+    from trainer.logs import setup_logging
+
+    setup_logging(os.environ.get("TRAINER_LOG_LEVEL", "INFO"), rank=None)
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    node = os.environ.get(NODE_INDEX_ENV, "")
+    where = f"trainer-launch (node {node})" if node else "trainer-launch"
+    try:
+        with_rendezvous_host(args, dict(os.environ))
+        run(args)
+        code = EXIT_OK
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        code = exit_code_for(codes)
+        log.error("%s: workers exited with %s", where, ", ".join(str(c) for c in sorted(codes)))
+    except SignalException as err:
+        code = EXIT_PREEMPTED
+        log.warning("%s: stopped by %s; workers were asked to save a checkpoint", where, err.sigval.name)
+    except RendezvousError as err:
+        code = EXIT_FAILURE
+        log.error("%s: rendezvous failed: %s", where, str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except ValueError as err:
+        code = EXIT_CONFIG_ERROR
+        log.error("%s: %s", where, err)
+    log.info("%s: exit %d (%s)", where, code, DESCRIPTIONS.get(code, "?"))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

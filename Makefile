@@ -2,19 +2,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test bench clean
+.PHONY: venv tools demo test bench clean
 
 venv:
 	@scripts/bootstrap.sh
 
+# helm, kubectl and the linters the chart/container tests run (under .tools/)
+tools:
+	@scripts/test-tools.sh
+
 demo: venv
 	$(PY) scripts/demo.py
 
-test: venv
+test: venv tools
 	$(PY) -m pytest
 
 bench: venv
 	$(PY) bench/storage.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) .tools demo-output .pytest_cache

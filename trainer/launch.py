@@ -14,6 +14,13 @@ turns the outcome into one exit code (see trainer/exit_codes.py):
 Under an Indexed Job it also decides which pod hosts the c10d rendezvous store: the pod whose
 ``TRAINER_NODE_INDEX`` is 0, instead of torchrun's guess from host names (which misses when the endpoint is a
 short service name and the pod's canonical name is its fully qualified one).
+
+The chart runs torchrun with ``--max-restarts=0``: when any worker dies, every pod exits and the Job replaces
+them, so the whole group re-forms from fresh agents and resumes from the latest checkpoint. (Re-forming in place
+around a surviving agent timed out in the cluster simulation: the survivor's new round waited on the dead
+agent.) A replacement pod can then start while the old rendezvous host is still going away, or before the new
+one listens; such rendezvous errors are retried here, inside the pod, for up to ``TRAINER_RDZV_RETRY_SECONDS``
+(default 600), so they do not use up the Job's restart budget.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +37,8 @@ from trainer.exit_codes import DESCRIPTIONS, EXIT_CONFIG_ERROR, EXIT_FAILURE, EX
 log = logging.getLogger("trainer.launch")
 
 NODE_INDEX_ENV = "TRAINER_NODE_INDEX"
+RETRY_ENV = "TRAINER_RDZV_RETRY_SECONDS"
+RETRY_PAUSE_S = 3.0
 
 
 def exit_code_for(worker_codes: Iterable[int]) -> int:
@@ -56,7 +66,12 @@ def with_rendezvous_host(args: Any, environ: dict[str, str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.rendezvous.api import (
+        RendezvousClosedError,
+        RendezvousConnectionError,
+        RendezvousError,
+    )
     from torch.distributed.run import parse_args, run
 
     from trainer.logs import setup_logging
@@ -65,9 +80,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     node = os.environ.get(NODE_INDEX_ENV, "")
     where = f"trainer-launch (node {node})" if node else "trainer-launch"
+    retry_until = time.monotonic() + float(os.environ.get(RETRY_ENV, "600"))
     try:
         with_rendezvous_host(args, dict(os.environ))
-        run(args)
+        while True:
+            try:
+                run(args)
+                break
+            except (RendezvousClosedError, RendezvousConnectionError, DistNetworkError) as err:
+                if time.monotonic() + RETRY_PAUSE_S > retry_until:
+                    raise
+                log.warning("%s: rendezvous at %s not ready (%s: %s); retrying in %.0f s", where,
+                            args.rdzv_endpoint, type(err).__name__, _first_line(err), RETRY_PAUSE_S)
+                time.sleep(RETRY_PAUSE_S)
         code = EXIT_OK
     except ChildFailedError as err:
         codes = {failure.exitcode for failure in err.failures.values()}
@@ -78,12 +103,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s: stopped by %s; workers were asked to save a checkpoint", where, err.sigval.name)
     except RendezvousError as err:
         code = EXIT_FAILURE
-        log.error("%s: rendezvous failed: %s", where, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        log.error("%s: rendezvous failed: %s: %s", where, type(err).__name__, _first_line(err))
+    except DistNetworkError as err:
+        code = EXIT_FAILURE
+        log.error("%s: rendezvous store unreachable: %s", where, _first_line(err))
     except ValueError as err:
         code = EXIT_CONFIG_ERROR
         log.error("%s: %s", where, err)
-    log.info("%s: exit %d (%s)", where, code, DESCRIPTIONS.get(code, "?"))
+    log.info("%s: exit %d: %s", where, code, DESCRIPTIONS.get(code, "?"))
     return code
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no details"
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_the_pod_exit_code_follows_the_workers(codes: str, expected: int) -> Non
     process = launch(codes)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == expected, output
-    assert f"exit {expected} (" in output
+    assert f"exit {expected}: " in output
 
 
 def test_sigterm_to_the_launcher_stops_the_workers_and_exits_preempted() -> None:

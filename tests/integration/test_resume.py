@@ -23,11 +23,11 @@ import torch
 
 from tests.conftest import S3Env
 from tests.support.fault_proxy import FaultPlan, FaultProxy
+from tests.support.torchrun import global_step_of as step_of
 from tests.support.torchrun import start_torchrun, worker_pids
 from trainer import storage
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.exit_codes import EXIT_PREEMPTED
-from trainer.progress import parse_progress
 from trainer.synth import make_shapes_dataset
 
 pytestmark = pytest.mark.slow
@@ -99,11 +99,6 @@ def overrides(shapes: dict[str, str], run_dir: Path, *extra: str) -> list[str]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "r" / "model_final.pt", weights_only=True)["model"]
-
-
-def step_of(line: str) -> int | None:
-    progress = parse_progress(line.split("] ", 1)[-1]) if "[rank 0]" in line else None
-    return None if progress is None else (progress.epoch - 1) * progress.steps + progress.step
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from trainer.local_s3 import free_port
+from trainer.progress import parse_progress
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,3 +48,9 @@ def worker_pids(agent_pid: int) -> list[int]:
         return [int(pid) for pid in path.read_text().split()]
     except OSError:
         return []
+
+
+def global_step_of(line: str) -> int | None:
+    """The global step of a rank-0 progress line (``... [rank 0] epoch 2/3 step 3/5 ...``), else None."""
+    progress = parse_progress(line.split("] ", 1)[-1]) if "[rank 0]" in line else None
+    return None if progress is None else (progress.epoch - 1) * progress.steps + progress.step

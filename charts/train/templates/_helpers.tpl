@@ -190,7 +190,8 @@ containers:
       - --rdzv-id={{ include "train.fullname" $root }}
       - --rdzv-conf=join_timeout={{ $v.rendezvous.joinTimeoutSeconds }}
       - --local-addr=$(TRAINER_POD_HOST)
-      - --max-restarts={{ $v.restarts }}
+      {{- /* any failure ends every pod; the Job re-forms the whole group (trainer/launch.py says why) */}}
+      - --max-restarts=0
       - -m
       - trainer.train
       - --config=/etc/trainer/config.yaml

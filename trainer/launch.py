@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -81,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     node = os.environ.get(NODE_INDEX_ENV, "")
     where = f"trainer-launch (node {node})" if node else "trainer-launch"
     retry_until = time.monotonic() + float(os.environ.get(RETRY_ENV, "600"))
+
+    def stop(signum: int, _frame: Any) -> None:
+        # a stop before torchrun installs its own handler (e.g. while waiting to retry the rendezvous)
+        raise SignalException(f"process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
     try:
         with_rendezvous_host(args, dict(os.environ))
         while True:

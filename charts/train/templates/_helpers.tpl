@@ -205,6 +205,8 @@ containers:
             fieldPath: {{ .indexField }}
       - name: TRAINER_POD_HOST
         value: {{ .podHost }}
+      - name: TRAINER_RDZV_RETRY_SECONDS
+        value: {{ $v.rendezvous.joinTimeoutSeconds | quote }}
       - name: POD_NAME
         valueFrom:
           fieldRef: {fieldPath: metadata.name}

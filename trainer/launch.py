@@ -64,10 +64,18 @@ def with_rendezvous_host(args: Any, environ: dict[str, str]) -> None:
     args.rdzv_conf = ",".join(options)
 
 
+def retry_seconds(environ: dict[str, str]) -> float:
+    text = environ.get(RETRY_ENV, "600")
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        raise ValueError(f"{RETRY_ENV}={text!r} is not a number of seconds") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.rendezvous.api import (
         RendezvousClosedError,
         RendezvousConnectionError,
@@ -81,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     node = os.environ.get(NODE_INDEX_ENV, "")
     where = f"trainer-launch (node {node})" if node else "trainer-launch"
-    retry_until = time.monotonic() + float(os.environ.get(RETRY_ENV, "600"))
+    try:
+        with_rendezvous_host(args, dict(os.environ))
+        retry_until = time.monotonic() + retry_seconds(dict(os.environ))
+    except ValueError as err:
+        log.error("%s: %s", where, err)
+        return EXIT_CONFIG_ERROR
 
     def stop(signum: int, _frame: Any) -> None:
         # a stop before torchrun installs its own handler (e.g. while waiting to retry the rendezvous)
@@ -89,7 +102,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
     try:
-        with_rendezvous_host(args, dict(os.environ))
         while True:
             try:
                 run(args)
@@ -114,9 +126,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DistNetworkError as err:
         code = EXIT_FAILURE
         log.error("%s: rendezvous store unreachable: %s", where, _first_line(err))
-    except ValueError as err:
-        code = EXIT_CONFIG_ERROR
-        log.error("%s: %s", where, err)
     log.info("%s: exit %d: %s", where, code, DESCRIPTIONS.get(code, "?"))
     return code
 

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tests.support.torchrun import REPO, _loopback_launch
-from trainer.launch import exit_code_for, with_rendezvous_host
+from trainer.local_s3 import free_port
+from trainer.launch import exit_code_for, retry_seconds, with_rendezvous_host
 
 WORKER = REPO / "tests" / "support" / "exit_worker.py"
 
@@ -65,3 +66,39 @@ def test_exit_codes_and_rendezvous_host() -> None:
     assert args.rdzv_conf == "is_host=false"
     with pytest.raises(ValueError, match="TRAINER_NODE_INDEX"):
         with_rendezvous_host(argparse.Namespace(rdzv_backend="c10d", rdzv_conf=""), {"TRAINER_NODE_INDEX": "x"})
+    assert retry_seconds({}) == 600 and retry_seconds({"TRAINER_RDZV_RETRY_SECONDS": "30"}) == 30
+    with pytest.raises(ValueError, match="TRAINER_RDZV_RETRY_SECONDS='soon'"):
+        retry_seconds({"TRAINER_RDZV_RETRY_SECONDS": "soon"})
+
+
+def test_a_node_that_starts_before_the_rendezvous_host_retries_and_joins() -> None:
+    """A replacement pod can start before pod 0 listens again: it retries instead of failing (exit 0 for both)."""
+    port = free_port()
+    _, env = _loopback_launch(nproc=1, max_restarts=0, env=None)
+
+    def node(index: int) -> subprocess.Popen[str]:
+        command = [sys.executable, "-m", "trainer.launch", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=retry-test", "--rdzv-conf=read_timeout=2",
+                   "--local-addr=127.0.0.1", "--max-restarts=0", "--monitor-interval=0.5", str(WORKER), "0=0,1=0"]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                                env={**env, "TRAINER_NODE_INDEX": str(index), "TRAINER_RDZV_RETRY_SECONDS": "60"})
+    late_joiner = node(1)
+    time.sleep(6)  # at least one failed attempt to reach the store
+    host = node(0)
+    host_output, _ = host.communicate(timeout=120)
+    output, _ = late_joiner.communicate(timeout=120)
+    assert host.returncode == 0, host_output
+    assert late_joiner.returncode == 0, output
+    assert "not ready" in output and "retrying" in output
+
+
+def test_the_retry_window_is_bounded() -> None:
+    _, env = _loopback_launch(nproc=1, max_restarts=0, env=None)
+    command = [sys.executable, "-m", "trainer.launch", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-conf=read_timeout=1", "--local-addr=127.0.0.1",
+               str(WORKER), "0=0"]
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120,
+                            env={**env, "TRAINER_NODE_INDEX": "1", "TRAINER_RDZV_RETRY_SECONDS": "4"})
+    assert result.returncode == 1, result.stderr
+    assert "rendezvous" in result.stderr and time.monotonic() - started < 60

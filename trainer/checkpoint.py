@@ -32,6 +32,7 @@ import torch
 
 from trainer import storage
 from trainer.errors import InputError
+from trainer.progress import format_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class CheckpointWriter:
         with self._lock:
             self.metrics[snapshot.step] = snapshot.metric
             self.last_committed = result
-        log.info("checkpoint committed: %s (%.1f MB in %.1f s)", folder, size / 1e6, result.seconds)
+        log.info("%s", format_checkpoint(folder, size / 1e6, result.seconds))
         self._retain(snapshot.step)
         return result
 

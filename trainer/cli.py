@@ -393,7 +393,38 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_export.add_argument("--out", required=True, help="the weights file to write (path or s3:// URI)")
     ckpt_export.add_argument("--ema", action="store_true", help="export the EMA weights instead")
     ckpt_export.set_defaults(func=cmd_ckpt_export)
+
+    watch = sub.add_parser("watch", parents=[common], help="one view of a training release on the cluster",
+                           description="Pods, progress, ETA, last evaluation and checkpoint of a release installed "
+                                       "with charts/train, with warnings (hung rank, restarts, OOMKilled, image "
+                                       "pulls, unschedulable pods). Exit 1 when the Job failed or the cluster "
+                                       "cannot be asked.")
+    watch.add_argument("release", help="the Helm release name (helm install <release> charts/train)")
+    watch.add_argument("-n", "--namespace", default=None, help="default: the context's namespace, else 'default'")
+    watch.add_argument("--context", help="kubeconfig context (default: the current one)")
+    watch.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)")
+    watch.add_argument("-f", "--follow", action="store_true", help="refresh until the Job ends")
+    watch.add_argument("--logs", choices=("none", "rank0", "all"), default="none",
+                       help="also print the pods' log lines, prefixed [pod/rank N] (all) or rank 0's only")
+    watch.add_argument("--json", action="store_true", help="one JSON object per refresh instead of the table")
+    watch.add_argument("--interval", type=float, default=10.0, help="seconds between refreshes with --follow")
+    watch.add_argument("--hang-after", type=float, default=600.0,
+                       help="warn when a running pod has been silent this many seconds while others log")
+    watch.set_defaults(func=cmd_watch)
     return parser
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from trainer.kube import connect
+    from trainer.watch import watch
+
+    if args.interval <= 0 or args.hang_after <= 0:
+        print("trainer: error: watch: --interval and --hang-after must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    kube = connect(args.context, args.kubeconfig)
+    namespace = args.namespace or kube.namespace or "default"
+    return watch(kube, namespace, args.release, follow=args.follow, logs_mode=args.logs, as_json=args.json,
+                 interval_s=args.interval, hang_after_s=args.hang_after)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -61,3 +61,53 @@ def parse_progress(text: str) -> ProgressLine | None:
     return ProgressLine(int(match["epoch"]), int(match["epochs"]), int(match["step"]), int(match["steps"]),
                         float(match["loss"]), terms, float(match["lr"]), float(match["ips"]),
                         int(match["data"]) / 100, float(eta), float(match["mem"]) if match["mem"] else None)
+
+
+# ------------------------------------------------------------------------------- evaluation line
+@dataclass
+class EvalLine:
+    epoch: int
+    ap: float
+    ap50: float
+    ap75: float
+
+
+def format_eval(epoch: int, stats: dict[str, float], note: str, per_class: dict[str, float]) -> str:
+    """``eval epoch 3: AP 0.3120 AP50 0.5750 AP75 0.3010 (best AP so far) | RBC 0.376 WBC 0.615``."""
+    classes = " ".join(f"{name} {value:.3f}" for name, value in per_class.items())
+    return (f"eval epoch {epoch}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AP75 {stats['AP75']:.4f}"
+            f"{f' ({note})' if note else ''} | {classes}")
+
+
+_EVAL = re.compile(r"eval epoch (?P<epoch>\d+): AP (?P<ap>[\d.]+) AP50 (?P<ap50>[\d.]+) AP75 (?P<ap75>[\d.]+)")
+
+
+def parse_eval(text: str) -> EvalLine | None:
+    match = _EVAL.search(text)
+    if match is None:
+        return None
+    return EvalLine(int(match["epoch"]), float(match["ap"]), float(match["ap50"]), float(match["ap75"]))
+
+
+# ------------------------------------------------------------------------------- checkpoint line
+@dataclass
+class CheckpointLine:
+    uri: str  # the step-<N> folder
+    step: int
+    megabytes: float
+    seconds: float
+
+
+def format_checkpoint(uri: str, megabytes: float, seconds: float) -> str:
+    """``checkpoint committed: s3://b/runs/r/checkpoints/step-000000120 (331.2 MB in 2.4 s)``."""
+    return f"checkpoint committed: {uri} ({megabytes:.1f} MB in {seconds:.1f} s)"
+
+
+_CHECKPOINT = re.compile(r"checkpoint committed: (?P<uri>\S*step-(?P<step>\d+)) \((?P<mb>[\d.]+) MB in (?P<s>[\d.]+) s\)")
+
+
+def parse_checkpoint(text: str) -> CheckpointLine | None:
+    match = _CHECKPOINT.search(text)
+    if match is None:
+        return None
+    return CheckpointLine(match["uri"], int(match["step"]), float(match["mb"]), float(match["s"]))

@@ -40,7 +40,7 @@ from trainer.exit_codes import EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PR
 from trainer.inference import evaluate_split, save_weights
 from trainer.logs import setup_logging
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.progress import ProgressLine, format_progress
+from trainer.progress import ProgressLine, format_eval, format_progress
 from trainer.resume import ResumePoint, Trainables, check_config, restore, take_snapshot
 from trainer.run_log import RunLog
 from trainer.stop_signal import StopSignal
@@ -289,11 +289,8 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
                 metric = result.stats[config.eval.metric]
                 improved = best is None or metric > best
                 best = metric if improved else best
-                log.info("eval epoch %d: AP %.4f AP50 %.4f AP75 %.4f%s | %s", epoch + 1, result.stats["AP"],
-                         result.stats["AP50"], result.stats["AP75"],
-                         f" (best {config.eval.metric} so far)" if improved else
-                         f" (best {config.eval.metric} {best:.4f})",
-                         " ".join(f"{k} {v:.3f}" for k, v in result.per_class.items()))
+                note = f"best {config.eval.metric} so far" if improved else f"best {config.eval.metric} {best:.4f}"
+                log.info("%s", format_eval(epoch + 1, result.stats, note, result.per_class))
                 run_log.eval({"epoch": epoch + 1, "step": state.step, **result.stats,
                               "per_class_ap": result.per_class, "best": best})
                 if improved:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from trainer.progress import ProgressLine, format_duration, format_progress, parse_progress
+from trainer.progress import (
+    ProgressLine,
+    format_checkpoint,
+    format_duration,
+    format_eval,
+    format_progress,
+    parse_checkpoint,
+    parse_eval,
+    parse_progress,
+)
 
 
 def test_format_is_stable_and_parses_back() -> None:
@@ -24,3 +33,15 @@ def test_cpu_runs_have_no_memory_field_and_long_etas_have_days() -> None:
     assert parsed is not None and parsed.eta_s == 2 * 86400 + 5 and parsed.max_mem_gb is None and parsed.lr == 1e-4
     assert parse_progress("some other log line") is None
     assert format_duration(59.6) == "0:01:00"
+
+
+def test_eval_and_checkpoint_lines_parse_back() -> None:
+    stats = {"AP": 0.31204, "AP50": 0.575, "AP75": 0.30111, "APs": 0.1}
+    text = format_eval(3, stats, "best AP so far", {"RBC": 0.376, "WBC": 0.6151})
+    assert text == "eval epoch 3: AP 0.3120 AP50 0.5750 AP75 0.3011 (best AP so far) | RBC 0.376 WBC 0.615"
+    back = parse_eval(f"2026-11-24T10:00:00.123Z 2026-11-24 10:00:00 INFO  [rank 0] {text}")
+    assert back is not None and (back.epoch, back.ap, back.ap50, back.ap75) == (3, 0.312, 0.575, 0.3011)
+    uri = "s3://bucket/runs/r/checkpoints/step-000000120"
+    committed = parse_checkpoint("INFO  [rank 0] " + format_checkpoint(uri, 331.24, 2.44))
+    assert committed is not None and (committed.uri, committed.step, committed.megabytes) == (uri, 120, 331.2)
+    assert parse_eval("eval epoch x") is None and parse_checkpoint("checkpoint step 4: saved") is None

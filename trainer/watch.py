@@ -401,9 +401,11 @@ class LogFollower:
         self.lines: queue.Queue[LogLine] = queue.Queue()
         self.seen = seen  # pod -> time of the last line already shown
         self.threads: dict[str, threading.Thread] = {}
+        self.running: set[str] = set()  # pods whose stream is reopened when it ends
         self.stop = threading.Event()
 
     def track(self, pods: Iterable[PodView], containers: dict[str, str]) -> None:
+        self.running = {view.name for view in pods if view.current and view.phase == "Running"}
         for view in pods:
             if view.current and view.phase in ("Running", "Succeeded", "Failed") and view.name not in self.threads:
                 thread = threading.Thread(target=self._stream, args=(view.name, containers[view.name]), daemon=True)
@@ -428,6 +430,8 @@ class LogFollower:
                         return
             except KubeError:
                 return  # the pod is gone
+            if pod not in self.running:
+                return  # it ended (or was replaced): its log is complete
             self.stop.wait(2.0)
 
     def drain(self) -> list[LogLine]:

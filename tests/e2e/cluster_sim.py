@@ -283,6 +283,11 @@ class Cluster:
         lines.append(f"mount --bind {pod.workdir / 'hosts'} /etc/hosts")
         # a volume mounted over a parent of this harness's files (e.g. /tmp) goes last, once its sources are used
         hides_sources = [m for m in mounts if pod.workdir.is_relative_to(m["mountPath"])]
+        # The "image" (this checkout and its virtualenv) must stay at its path even when that path is under such
+        # a volume (a clone in /tmp): hold it open on fd 3, then bind it back from the descriptor afterwards.
+        hidden_image = any(REPO.is_relative_to(m["mountPath"]) for m in mounts)
+        if hidden_image:
+            lines.append(f"exec 3<{REPO}")
         for mount in [m for m in mounts if m not in hides_sources] + hides_sources:
             volume = volumes.get(mount["name"])
             if volume is None:
@@ -310,6 +315,9 @@ class Cluster:
                     lines.append(f"mount -o remount,bind,ro {target}")
             else:
                 raise SimError(f"pod {pod.name}: volume {mount['name']} kind {list(volume)} is not simulated")
+        if hidden_image:
+            lines += [f"mkdir -p {REPO}", f"mount --no-canonicalize --bind /proc/self/fd/3 {REPO}",
+                      f"mount -o remount,bind,ro {REPO}", "exec 3<&-"]
         if (container.get("securityContext") or {}).get("readOnlyRootFilesystem"):
             # Last, so that the volumes bound from this machine's files above stay writable: this namespace's
             # copy of the root mount (and of the overlays) becomes read-only; the host's stays as it is.

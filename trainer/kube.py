@@ -125,7 +125,8 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> Kube:
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
     paths = [p for p in (kubeconfig or os.environ.get("KUBECONFIG", "")).split(os.pathsep) if p]
-    path = next((p for p in paths if Path(p).expanduser().is_file()), None) if paths else None
+    existing = [p for p in paths if Path(p).expanduser().is_file()]
+    path = os.pathsep.join(existing) if existing else None  # several files merge, as kubectl merges them
     if path is None and not paths:
         default = Path("~/.kube/config").expanduser()
         path = str(default) if default.is_file() else None

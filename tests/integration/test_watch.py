@@ -245,3 +245,13 @@ def test_readme_shows_this_output(cluster: Scenario, kubeconfig: Path) -> None:
     def ages(text: str) -> str:  # ages and pod ages move with the clock; the rest must be identical
         return re.sub(r"1:00:0\d  ", "<pod age>  ", re.sub(r"\d+:\d\d:\d\d ago", "<age> ago", text))
     assert ages(block) == ages(out)
+
+
+def test_several_kubeconfig_files_merge_like_kubectl(cluster: Scenario, kubeconfig: Path, tmp_path: Path) -> None:
+    """KUBECONFIG=a:b: a missing file is skipped and contexts from every file are usable."""
+    other = tmp_path / "other-kubeconfig"
+    other.write_text(json.dumps({"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [],
+                                 "contexts": [{"name": "staging", "context": {"cluster": "fake", "user": "tester",
+                                                                              "namespace": "ml"}}]}))
+    paths = os.pathsep.join([str(tmp_path / "missing"), str(kubeconfig), str(other)])
+    assert watch(kubeconfig, "train", "--context", "staging", env={"KUBECONFIG": paths}).returncode == 0

@@ -207,9 +207,10 @@ class Cluster:
     def _hosts_text(self, pod: Pod) -> str:
         lines = ["127.0.0.1\tlocalhost", f"{pod.ip}\t{' '.join(pod.dns_names)}"]
         with self._lock:
-            for other in self.pods:  # the cluster DNS: every running pod of the same subdomain
+            for other in self.pods:  # the cluster DNS: every running pod of the same subdomain, by its
+                # Service names (a bare hostname resolves only inside its own pod, as in Kubernetes)
                 if other is not pod and other.running and other.subdomain and other.subdomain == pod.subdomain:
-                    lines.append(f"{other.ip}\t{' '.join(other.dns_names[1:])}")
+                    lines.append(f"{other.ip}\t{' '.join(other.dns_names[:3])}")
         return "\n".join(lines) + "\n"
 
     def _refresh_dns(self) -> None:

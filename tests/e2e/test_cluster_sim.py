@@ -75,6 +75,7 @@ def values(s3_server: LocalS3Server) -> dict[str, Any]:
         "s3": {"bucket": BUCKET, "endpoint": s3_server.endpoint_url, "existingSecret": "s3-keys"},
         "dataset": {"voc": "datasets/shapes", "coco": "datasets/shapes/coco", "images": "datasets/shapes/JPEGImages"},
         "restarts": 2, "terminationGracePeriodSeconds": 30, "shmSize": "256Mi",
+        "extraEnv": [{"name": "OMP_NUM_THREADS", "value": "1"}],  # 2 pods share this machine's 2 cores
         "rendezvous": {"port": free_port(), "joinTimeoutSeconds": 120},
         "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "4Gi"}},
         "config": {

@@ -214,10 +214,6 @@ containers:
         valueFrom:
           fieldRef: {fieldPath: metadata.namespace}
       {{- include "train.s3env" $root | nindent 6 }}
-      {{- if eq (int $v.gpusPerNode) 0 }}
-      - name: OMP_NUM_THREADS
-        value: "1"
-      {{- end }}
       {{- with $v.extraEnv }}
       {{- toYaml . | nindent 6 }}
       {{- end }}

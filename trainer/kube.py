@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trainer.errors import InputError
+from trainer.errors import InputError, first_line
 
 T = TypeVar("T")
 TIMEOUT = (5.0, 30.0)  # connect, read (seconds) for every request but a followed log
@@ -44,7 +44,7 @@ class Kube:
             raise KubeError(_explain_status(exc.status, what, self.server, exc.reason)) from None
         except (HTTPError, OSError) as exc:
             cause = getattr(exc, "reason", None) or exc  # MaxRetryError: the last attempt's error
-            text = _first_line(cause).rsplit("): ", 1)[-1]
+            text = first_line(cause).rsplit("): ", 1)[-1]
             raise KubeError(f"cannot reach the Kubernetes API at {self.server} ({what}): {text}") from None
 
     def pods(self, namespace: str, selector: str) -> list[Any]:
@@ -69,7 +69,7 @@ class Kube:
                 return None
             raise KubeError(_explain_status(exc.status, f"read configmap {name}", self.server, exc.reason)) from None
         except OSError as exc:
-            raise KubeError(f"cannot reach the Kubernetes API at {self.server}: {_first_line(exc)}") from None
+            raise KubeError(f"cannot reach the Kubernetes API at {self.server}: {first_line(exc)}") from None
         return dict(found.data or {})
 
     def log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
@@ -97,11 +97,6 @@ class Kube:
             return  # the connection ended (pod gone, read timeout): the caller decides whether to reopen
         finally:
             response.release_conn()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def _explain_status(status: int | None, what: str, server: str, reason: str | None) -> str:
@@ -147,7 +142,7 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> Kube:
             looked = ", ".join(paths) if paths else "~/.kube/config"
             raise KubeError(f"no kubeconfig found (looked at {looked}): pass --kubeconfig or set KUBECONFIG")
     except ConfigException as exc:
-        raise KubeError(f"kubeconfig {path or '(in-cluster)'}: {_first_line(exc)}") from None
+        raise KubeError(f"kubeconfig {path or '(in-cluster)'}: {first_line(exc)}") from None
     except (ValueError, TypeError, OSError) as exc:  # malformed kubeconfig contents
-        raise KubeError(f"kubeconfig {path}: cannot be used: {_first_line(exc)}") from None
+        raise KubeError(f"kubeconfig {path}: cannot be used: {first_line(exc)}") from None
     return Kube(client.CoreV1Api(api), client.BatchV1Api(api), api.configuration.host, context, namespace)

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from trainer.errors import first_line
 from trainer.exit_codes import DESCRIPTIONS, EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("trainer.launch")
@@ -110,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if time.monotonic() + RETRY_PAUSE_S > retry_until:
                     raise
                 log.warning("%s: rendezvous at %s not ready (%s: %s); retrying in %.0f s", where,
-                            args.rdzv_endpoint, type(err).__name__, _first_line(err), RETRY_PAUSE_S)
+                            args.rdzv_endpoint, type(err).__name__, first_line(err), RETRY_PAUSE_S)
                 time.sleep(RETRY_PAUSE_S)
         code = EXIT_OK
     except ChildFailedError as err:
@@ -122,17 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s: stopped by %s; workers were asked to save a checkpoint", where, err.sigval.name)
     except RendezvousError as err:
         code = EXIT_FAILURE
-        log.error("%s: rendezvous failed: %s: %s", where, type(err).__name__, _first_line(err))
+        log.error("%s: rendezvous failed: %s: %s", where, type(err).__name__, first_line(err))
     except DistNetworkError as err:
         code = EXIT_FAILURE
-        log.error("%s: rendezvous store unreachable: %s", where, _first_line(err))
+        log.error("%s: rendezvous store unreachable: %s", where, first_line(err))
     log.info("%s: exit %d: %s", where, code, DESCRIPTIONS.get(code, "?"))
     return code
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ INDEX_LABELS = ("batch.kubernetes.io/job-completion-index", "training.kubeflow.o
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d) ?(.*)$")
 _RANK = re.compile(r"\[rank (\d+)\]")
+_NEVER = datetime.min.replace(tzinfo=UTC)  # earlier than any real time: undated lines and events sort first
 
 
 def selector(release: str) -> str:
@@ -93,6 +94,7 @@ class PodView:
     current: bool = True  # the newest pod of its index
     ranks: list[int] = field(default_factory=list)
     message: str = ""  # waiting/scheduling message
+    container: str = ""  # the (first) container, whose log is read
 
 
 @dataclass
@@ -177,7 +179,8 @@ def _pod_view(pod: Any, now: datetime) -> PodView:
     return PodView(name=pod.metadata.name, index=_index(pod), phase=pod.status.phase or "Unknown",
                    node=pod.spec.node_name, restarts=sum(s.restart_count or 0 for s in statuses),
                    age_s=_age(pod.metadata.creation_timestamp, now) or 0.0, state=state, last_exit_code=code,
-                   last_exit_reason=reason, last_exit_meaning=exit_meaning(code, reason), message=message)
+                   last_exit_reason=reason, last_exit_meaning=exit_meaning(code, reason), message=message,
+                   container=pod.spec.containers[0].name if pod.spec.containers else "")
 
 
 def _job_view(kube: Kube, namespace: str, release: str) -> dict[str, Any] | None:
@@ -278,7 +281,7 @@ def collect(kube: Kube, namespace: str, release: str, *, tail: int = 300, hang_a
 def _read_progress(summary: Summary, lines: list[LogLine], now: datetime) -> None:
     """The latest progress, evaluation and checkpoint lines of rank 0."""
     rank0 = sorted((line for line in lines if line.rank == 0),
-                   key=lambda line: line.time or datetime.min.replace(tzinfo=UTC))
+                   key=lambda line: line.time or _NEVER)
     for line in rank0:
         progress, evaluation, committed = parse_progress(line.text), parse_eval(line.text), parse_checkpoint(line.text)
         if progress is not None:
@@ -335,7 +338,7 @@ def warnings(summary: Summary, kube: Kube, namespace: str, hang_after_s: float) 
 
 def _event_time(event: Any) -> datetime:
     when = event.last_timestamp or event.event_time or event.first_timestamp
-    return when if isinstance(when, datetime) else datetime.min.replace(tzinfo=UTC)
+    return when if isinstance(when, datetime) else _NEVER
 
 
 # ----------------------------------------------------------------------------------------- render
@@ -386,7 +389,7 @@ def render(summary: Summary) -> str:
 def merged(logs: dict[str, list[LogLine]], only_rank0: bool) -> list[str]:
     """Every pod's lines in time order, each prefixed with [pod/rank N] (kubectl logs --prefix over all pods)."""
     lines = [line for pod_lines in logs.values() for line in pod_lines if not only_rank0 or line.rank == 0]
-    lines.sort(key=lambda line: line.time or datetime.min.replace(tzinfo=UTC))
+    lines.sort(key=lambda line: line.time or _NEVER)
     return [line.prefixed() for line in lines]
 
 
@@ -404,11 +407,11 @@ class LogFollower:
         self.running: set[str] = set()  # pods whose stream is reopened when it ends
         self.stop = threading.Event()
 
-    def track(self, pods: Iterable[PodView], containers: dict[str, str]) -> None:
+    def track(self, pods: Iterable[PodView]) -> None:
         self.running = {view.name for view in pods if view.current and view.phase == "Running"}
         for view in pods:
             if view.current and view.phase in ("Running", "Succeeded", "Failed") and view.name not in self.threads:
-                thread = threading.Thread(target=self._stream, args=(view.name, containers[view.name]), daemon=True)
+                thread = threading.Thread(target=self._stream, args=(view.name, view.container), daemon=True)
                 self.threads[view.name] = thread
                 thread.start()
 
@@ -460,7 +463,7 @@ def watch(kube: Kube, namespace: str, release: str, *, follow: bool, logs_mode: 
     try:
         while summary.finished is None and (deadline is None or time.monotonic() < deadline):
             if follower is not None:
-                follower.track(summary.pods, _containers(kube, namespace, release))
+                follower.track(summary.pods)
             sleep(interval_s)
             if follower is not None:
                 for line in follower.drain():
@@ -471,11 +474,6 @@ def watch(kube: Kube, namespace: str, release: str, *, follow: bool, logs_mode: 
         if follower is not None:
             follower.stop.set()
     return 1 if summary.finished == "Failed" else 0
-
-
-def _containers(kube: Kube, namespace: str, release: str) -> dict[str, str]:
-    return {p.metadata.name: p.spec.containers[0].name for p in kube.pods(namespace, selector(release))
-            if p.spec.containers}
 
 
 def _emit(summary: Summary, as_json: bool, out: TextIO, brief: bool = False) -> None:

@@ -79,6 +79,12 @@ def field_value(path: str, pod: Pod) -> str:
     return values[path]
 
 
+def _overlay(folder: Path, layer: Path) -> list[str]:
+    """Shell lines that put a writable overlay (its upper layer on a fresh tmpfs) over ``folder``, in this pod only."""
+    return [f"mkdir -p {layer}", f"mount -t tmpfs tmpfs {layer}", f"mkdir {layer}/up {layer}/work",
+            f"mount -t overlay overlay -o lowerdir={folder},upperdir={layer}/up,workdir={layer}/work {folder}"]
+
+
 def _closed_folders_on_the_way_to(path: Path, uid: int) -> list[Path]:
     """Folders above ``path`` that a user other than their owner cannot traverse."""
     if uid == 0:
@@ -266,20 +272,13 @@ class Cluster:
             if parent == Path("/"):
                 raise SimError(f"pod {pod.name}: mount path {target} would need an overlay of /")
             if parent not in overlaid:
-                layer = pod.workdir / f"overlay{number}"
-                lines += [f"mkdir -p {layer}", f"mount -t tmpfs tmpfs {layer}",
-                          f"mkdir {layer}/up {layer}/work",
-                          f"mount -t overlay overlay -o lowerdir={parent},upperdir={layer}/up,workdir={layer}/work "
-                          f"{parent}"]
+                lines += _overlay(parent, pod.workdir / f"overlay{number}")
                 overlaid.add(parent)
             lines.append(f"mkdir -p {target}")
         # The "image" is this machine's virtualenv: where its interpreter sits under a folder the container user
         # may not enter (pyenv under /root), an overlay opens that folder inside this pod only.
         for folder in _closed_folders_on_the_way_to(Path(os.path.realpath(VENV_BIN / "python")), uid):
-            layer = pod.workdir / f"open{len(overlaid)}"
-            lines += [f"mkdir -p {layer}", f"mount -t tmpfs tmpfs {layer}", f"mkdir {layer}/up {layer}/work",
-                      f"mount -t overlay overlay -o lowerdir={folder},upperdir={layer}/up,workdir={layer}/work "
-                      f"{folder}", f"chmod o+x {folder}"]
+            lines += [*_overlay(folder, pod.workdir / f"open{len(overlaid)}"), f"chmod o+x {folder}"]
             overlaid.add(folder)
         lines.append(f"mount --bind {pod.workdir / 'hosts'} /etc/hosts")
         # a volume mounted over a parent of this harness's files (e.g. /tmp) goes last, once its sources are used

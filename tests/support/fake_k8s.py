@@ -104,9 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         token = self.headers.get("Authorization", "")
         if token != f"Bearer {TOKEN}":
             status = 403 if token == "Bearer read-nothing" else 401
-            return self._json(status, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                       "message": "forbidden" if status == 403 else "Unauthorized",
-                                       "reason": "Forbidden" if status == 403 else "Unauthorized", "code": status})
+            return self._failure(status, "Forbidden" if status == 403 else "Unauthorized",
+                                 "forbidden" if status == 403 else "Unauthorized")
         url = urlparse(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         parts = url.path.strip("/").split("/")
@@ -120,8 +119,7 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:4] == ["api", "v1", "namespaces", ns] and len(parts) == 7 and parts[4] == "pods" and parts[6] == "log":
             pod = next((p for p in scenario.pods if p.name == parts[5]), None)
             if pod is None:
-                return self._json(404, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                        "message": f'pods "{parts[5]}" not found', "reason": "NotFound", "code": 404})
+                return self._failure(404, "NotFound", f'pods "{parts[5]}" not found')
             return self._log(pod, query, scenario.logs_written)
         if parts[:4] == ["apis", "batch", "v1", "namespaces"] and parts[4:] == [ns, "jobs"]:
             items = [] if scenario.job is None else [_job(scenario, now)]
@@ -135,8 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
                                     "items": items})
         if parts[:4] == ["api", "v1", "namespaces", ns] and parts[4] == "configmaps" and len(parts) == 6:
             if parts[5] != f"{scenario.release}-config":
-                return self._json(404, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                        "reason": "NotFound", "code": 404})
+                return self._failure(404, "NotFound", f'configmaps "{parts[5]}" not found')
             return self._json(200, {"kind": "ConfigMap", "apiVersion": "v1",
                                     "metadata": {"name": parts[5], "namespace": ns},
                                     "data": {"config.yaml": scenario.config_yaml}})
@@ -146,8 +143,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {"kind": kind, "apiVersion": "v1", "metadata": {}, "items": []})
         if parts[:4] == ["apis", "batch", "v1", "namespaces"]:
             return self._json(200, {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []})
-        return self._json(404, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                                "reason": "NotFound", "code": 404})
+        return self._failure(404, "NotFound", "the server could not find the requested resource")
+
+    def _failure(self, code: int, reason: str, message: str) -> None:
+        """A failed request, as the API server answers it: a Status object."""
+        self._json(code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                          "message": message, "reason": reason, "code": code})
 
     def _json(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()

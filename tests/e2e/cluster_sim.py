@@ -275,9 +275,12 @@ class Cluster:
                 lines += _overlay(parent, pod.workdir / f"overlay{number}")
                 overlaid.add(parent)
             lines.append(f"mkdir -p {target}")
-        # The "image" is this machine's virtualenv: where its interpreter sits under a folder the container user
-        # may not enter (pyenv under /root), an overlay opens that folder inside this pod only.
-        for folder in _closed_folders_on_the_way_to(Path(os.path.realpath(VENV_BIN / "python")), uid):
+        # The "image" is this machine's virtualenv: where it or its interpreter sits under a folder the container
+        # user may not enter (pyenv under /root, a checkout in a `mktemp -d` folder), an overlay opens that folder
+        # inside this pod only.
+        closed = dict.fromkeys([*_closed_folders_on_the_way_to(Path(os.path.realpath(VENV_BIN / "python")), uid),
+                                *_closed_folders_on_the_way_to(VENV_BIN, uid)])
+        for folder in closed:
             lines += [*_overlay(folder, pod.workdir / f"open{len(overlaid)}"), f"chmod o+x {folder}"]
             overlaid.add(folder)
         lines.append(f"mount --bind {pod.workdir / 'hosts'} /etc/hosts")

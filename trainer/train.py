@@ -342,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.set)
     except InputError as exc:
-        print(f"trainer: error: {exc}", file=sys.stderr)
+        # One write: every rank reports the same error at once, and under PYTHONUNBUFFERED (the image sets it)
+        # print() would send the text and its newline separately, so the ranks' lines could interleave.
+        sys.stderr.write(f"trainer: error: {exc}\n")
         return EXIT_CONFIG_ERROR
     env = init_distributed(config.train.timeout_minutes)
     if env.is_main:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 import subprocess
 import sys
@@ -40,11 +41,15 @@ def test_sigterm_to_the_launcher_stops_the_workers_and_exits_preempted() -> None
     process = launch("wait")
     assert process.stdout is not None
     deadline = time.monotonic() + 60
-    seen = 0
-    while seen < 2 and time.monotonic() < deadline:
+    waiting: set[str] = set()
+    printed = ""
+    while len(waiting) < 2 and time.monotonic() < deadline:
         line = process.stdout.readline()
-        seen += "waiting" in line
-    assert seen == 2
+        if not line and process.poll() is not None:
+            break
+        printed += line
+        waiting.update(re.findall(r"worker (\d) waiting", line))
+    assert waiting == {"0", "1"}, printed
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 75, output

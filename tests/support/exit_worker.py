@@ -10,7 +10,10 @@ import time
 
 if sys.argv[1] == "wait":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
-    print(f"worker {os.environ['RANK']} waiting", flush=True)
+    # One write call: under PYTHONUNBUFFERED print() sends the text and its newline as two writes, and the two
+    # workers' lines could interleave on the shared pipe.
+    sys.stdout.write(f"worker {os.environ['RANK']} waiting\n")
+    sys.stdout.flush()
     time.sleep(60)
     sys.exit(1)
 codes = dict(item.split("=") for item in sys.argv[1].split(","))

@@ -40,20 +40,25 @@ def test_the_pod_exit_code_follows_the_workers(codes: str, expected: int) -> Non
 def test_sigterm_to_the_launcher_stops_the_workers_and_exits_preempted() -> None:
     process = launch("wait")
     assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    waiting: set[str] = set()
-    printed = ""
-    while len(waiting) < 2 and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line and process.poll() is not None:
-            break
-        printed += line
-        waiting.update(re.findall(r"worker (\d) waiting", line))
-    assert waiting == {"0", "1"}, printed
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 75, output
-    assert "stopped by SIGTERM" in output
+    try:
+        deadline = time.monotonic() + 60
+        waiting: set[str] = set()
+        printed = ""
+        while len(waiting) < 2 and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line and process.poll() is not None:
+                break
+            printed += line
+            waiting.update(re.findall(r"worker (\d) waiting", line))
+        assert waiting == {"0", "1"}, printed
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 75, output
+        assert "stopped by SIGTERM" in output
+    finally:
+        if process.poll() is None:  # a failed assertion must not leave the agent running (workers end in 60 s)
+            process.kill()
+            process.wait(timeout=30)
 
 
 def test_exit_codes_and_rendezvous_host() -> None:

@@ -198,17 +198,18 @@ def _job_view(kube: Kube, namespace: str, release: str) -> dict[str, Any] | None
             "started": job.status.start_time.isoformat() if job.status.start_time else None}
 
 
-def read_logs(kube: Kube, namespace: str, pods: Iterable[Any], tail: int) -> dict[str, list[LogLine]]:
+def read_logs(kube: Kube, namespace: str, pods: Iterable[PodView], tail: int) -> dict[str, list[LogLine]]:
+    """The last ``tail`` lines of each started pod's container (the one ``--follow`` streams too)."""
     out: dict[str, list[LogLine]] = {}
-    for pod in pods:
-        if pod.status.phase == "Pending" or not pod.spec.containers:
+    for view in pods:
+        if view.phase == "Pending" or not view.container:
             continue
         try:
-            text = kube.log_tail(namespace, pod.metadata.name, pod.spec.containers[0].name, tail)
+            text = kube.log_tail(namespace, view.name, view.container, tail)
         except KubeError as exc:
-            log.debug("no log for %s: %s", pod.metadata.name, exc)
+            log.debug("no log for %s: %s", view.name, exc)
             continue
-        out[pod.metadata.name] = [LogLine(pod.metadata.name, *split_stamp(line)) for line in text.splitlines()]
+        out[view.name] = [LogLine(view.name, *split_stamp(line)) for line in text.splitlines()]
     return out
 
 
@@ -262,7 +263,7 @@ def collect(kube: Kube, namespace: str, release: str, *, tail: int = 300, hang_a
     for view in views:
         view.current = newest[view.index] is view
     current_pods = [p for p, v in zip(pods, views, strict=True) if v.current]
-    logs = read_logs(kube, namespace, current_pods, tail)
+    logs = read_logs(kube, namespace, [view for view in views if view.current], tail)
     summary = Summary(release, namespace, job, views)
     for view in views:
         lines = logs.get(view.name, [])

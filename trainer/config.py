@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,8 +33,24 @@ AUGMENT_PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
 EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+# Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, about 9459 x 9459): a larger image is refused
+# from its header, before any pixel is decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
+# A config is a few KB: these bound what a hostile or broken file can cost before it is even validated.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # nodes after expanding every alias (a "billion laughs" file expands to 10^9)
+QUOTE_CHARS = 200  # how much of a bad value an error message quotes
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class ConfigError(InputError):
     """A configuration mistake; the message names the source, the key and the problem."""
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error line must stay one short line whatever the input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 @dataclass
@@ -67,6 +85,7 @@ class DataConfig:
     strict: bool = False  # a bad image fails the run instead of being skipped
     cache_dir: str | None = None  # local disk cache of fetched images
     cache_gb: float = 20.0
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped (read from the header, never decoded)
     aspect_ratio_groups: int = 3  # 0 turns grouping off
     tiles: TilesConfig = field(default_factory=TilesConfig)
 
@@ -115,6 +134,7 @@ class TrainConfig:
     deterministic: bool = False
     sync_bn: bool = False
     timeout_minutes: float = 30.0  # collective timeout
+    max_nonfinite_steps: int = 20  # consecutive skipped non-finite steps before the run stops (exit 2)
 
 
 @dataclass
@@ -179,7 +199,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """``value`` converted to the annotated type ``tp``, or a ConfigError naming ``key``."""
     def fail(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+        return ConfigError(f"{source}: {key}: expected {expected}, got {quote(value)}")
 
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -197,9 +217,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise fail(f"a mapping of names to {_type_name(item)}")
         for name, entry in value.items():
             if not isinstance(name, str) or not name:
-                raise ConfigError(f"{source}: {key}: keys must be names, got {name!r}")
+                raise ConfigError(f"{source}: {key}: keys must be names, got {quote(name)}")
             if not isinstance(entry, bool | int | float):
-                raise ConfigError(f"{source}: {key}.{name}: expected a number or true/false, got {entry!r}")
+                raise ConfigError(f"{source}: {key}.{name}: expected a number or true/false, got {quote(entry)}")
+            if isinstance(entry, float) and not math.isfinite(entry):
+                raise ConfigError(f"{source}: {key}.{name}: must be a finite number, got {entry}")
         return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -213,12 +235,18 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
         raise fail("an integer")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer too large for a float
+                raise fail("a finite number") from None
+            if not math.isfinite(number):
+                raise fail("a finite number")
+            return number
         raise fail("a number")
     if tp is str:
         if isinstance(value, str):
@@ -234,7 +262,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in known:
-            where = f"{prefix}.{key}" if prefix else str(key)
+            where = f"{prefix}.{key}" if prefix else quote(key, 80).strip("'")
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(known)})"
             raise ConfigError(f"{source}: {where}: unknown key{hint}")
@@ -253,7 +281,7 @@ def parse_section(cls: type, values: dict[str, Any], prefix: str, source: str) -
 def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
     parts = dotted.split(".")
     if not all(parts):
-        raise ConfigError(f"{source}: {dotted!r} is not a key path like 'optim.lr'")
+        raise ConfigError(f"{source}: {quote(dotted)} is not a key path like 'optim.lr'")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
@@ -263,16 +291,104 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> Non
     node[parts[-1]] = value
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, checked between composing and constructing: a document whose aliases expand to
+    more than ``MAX_YAML_NODES`` nodes, a recursive alias, or a mapping that repeats a key is refused before any
+    Python object is built (PyYAML itself keeps the last duplicate silently and lets a 500-byte file of nested
+    aliases expand to gigabytes in whatever walks it)."""
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Count the nodes of ``root`` with every alias expanded (memoised, so linear in the file) and refuse
+    duplicate keys, naming both lines."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{source}: line {node.start_mark.line + 1}: a recursive YAML alias")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicates(node, source)
+            for name, value in node.value:
+                total += expanded(name) + expanded(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                total += expanded(item)
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_NODES} values (aliases "
+                              f"repeated inside aliases, from line {node.start_mark.line + 1}); a config is "
+                              "a few dozen keys")
+        return total
+
+    expanded(root)
+
+
+def _check_duplicates(node: yaml.MappingNode, source: str) -> None:
+    seen: dict[tuple[str, str], int] = {}
+    for name, _ in node.value:
+        if not isinstance(name, yaml.ScalarNode) or name.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = name.start_mark.line + 1
+        first = seen.get((name.tag, name.value))
+        if first is None:
+            seen[(name.tag, name.value)] = line
+        else:
+            raise ConfigError(f"{source}: line {line}: duplicate key {quote(name.value, 80)} (first on line "
+                              f"{first}); YAML would silently keep only the last one")
+
+
+def safe_load(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with bounded size and alias expansion and no duplicate keys; one-line errors."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters is too large for a config "
+                          f"(at most {MAX_CONFIG_BYTES})")
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_nodes(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem[:QUOTE_CHARS]}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML nests too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=c`` → ("a.b", c) with c read as a YAML scalar/list (so 0.01, true, null, [1, 2] get their types)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {text!r}: cannot read the value ({exc.problem})") from exc
+        raise ConfigError(f"--set {quote(text)}: expected KEY=VALUE, e.g. optim.lr=0.01")
+    value = safe_load(raw, f"--set {quote(text)}") if raw.strip() else ""
     return key.strip(), value
+
+
+def read_config_text(path: str) -> str:
+    """The config file's text; a missing file is a ConfigError (exit 2: retrying cannot make it appear)."""
+    try:
+        info = storage.stat(path)
+        if info.is_dir:
+            raise ConfigError(f"{path}: is a directory, not a config file")
+        if info.size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {info.size} bytes is too large for a config (at most {MAX_CONFIG_BYTES})")
+        return storage.read_bytes(path).decode("utf-8")
+    except storage.NotFound as exc:
+        raise ConfigError(f"{path}: no such config file ({exc.cause})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -281,18 +397,13 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     tree: dict[str, Any] = {}
     source = path or "<defaults>"
     if path:
-        try:
-            loaded = yaml.safe_load(storage.read_text(path))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        loaded = safe_load(read_config_text(path), path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (run, data, model, ...)")
         tree = loaded or {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value, f"--set {text}")
+        _set_path(tree, key, value, f"--set {quote(text)}")
     config = _build(Config, tree, "", source)
     validate(config, source, require_data)
     return config
@@ -307,7 +418,9 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     if require_data:
         check(bool(config.data.train.coco), "data.train.coco", "is required (URI of the training COCO JSON)")
         check(bool(config.data.train.images), "data.train.images", "is required (URI of the training images)")
-    check(bool(config.run.name) and "/" not in config.run.name, "run.name", "must be a non-empty name without '/'")
+    check(bool(_SAFE_NAME.fullmatch(config.run.name)) and ".." not in config.run.name, "run.name",
+          f"must be one folder name (letters, digits, '.', '_', '-', not starting with '.' or '-', no '..'), "
+          f"got {quote(config.run.name, 80)}")
     check(config.data.batch_size >= 1, "data.batch_size", f"must be at least 1, got {config.data.batch_size}")
     check(config.data.workers >= 0, "data.workers", f"must be 0 or more, got {config.data.workers}")
     check(config.data.augment in AUGMENT_PRESETS, "data.augment",
@@ -318,7 +431,13 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
         values = getattr(config.data, key)
         check(values is None or len(values) == 3, f"data.{key}", "needs 3 values (R, G, B)")
     check(config.data.std is None or all(v > 0 for v in config.data.std), "data.std", "values must be > 0")
-    check(config.data.cache_gb > 0, "data.cache_gb", "must be > 0")
+    check(0 < config.data.cache_gb <= 1e6, "data.cache_gb", f"must be > 0 and at most 1e6, got {config.data.cache_gb}")
+    check(config.data.max_pixels >= 1, "data.max_pixels", f"must be at least 1, got {config.data.max_pixels}")
+    tiles = config.data.tiles
+    check(tiles.size >= 1, "data.tiles.size", f"must be at least 1, got {tiles.size}")
+    check(0 <= tiles.overlap < tiles.size, "data.tiles.overlap",
+          f"must be 0 or more and less than data.tiles.size ({tiles.size}), got {tiles.overlap}")
+    check(0 < tiles.min_visibility <= 1, "data.tiles.min_visibility", f"must be in (0, 1], got {tiles.min_visibility}")
     check(config.data.aspect_ratio_groups >= 0, "data.aspect_ratio_groups", "must be 0 or more")
     check(config.model.name in SUPPORTED_MODELS, "model.name",
           f"unknown model {config.model.name!r}"
@@ -338,14 +457,20 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
     check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     check(0 <= config.optim.momentum < 1, "optim.momentum", "must be in [0, 1)")
+    check(config.optim.norm_weight_decay is None or config.optim.norm_weight_decay >= 0, "optim.norm_weight_decay",
+          "must be >= 0 (or null: the same as optim.weight_decay)")
     check(config.schedule.epochs >= 1, "schedule.epochs", f"must be at least 1, got {config.schedule.epochs}")
     check(config.schedule.warmup_iters >= 0, "schedule.warmup_iters", "must be 0 or more")
     check(config.schedule.kind in ("cosine", "multistep"), "schedule.kind", "must be cosine or multistep")
+    check(config.schedule.gamma > 0, "schedule.gamma", f"must be > 0, got {config.schedule.gamma}")
+    check(all(m >= 0 for m in config.schedule.milestones), "schedule.milestones", "must be epochs (0 or more)")
     check(config.train.accumulate >= 1, "train.accumulate", "must be at least 1")
     check(config.train.clip_grad_norm is None or config.train.clip_grad_norm > 0, "train.clip_grad_norm",
           "must be > 0 (or null to disable)")
     check(0 < config.train.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
     check(config.train.timeout_minutes > 0, "train.timeout_minutes", "must be > 0")
+    check(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
+          f"must be at least 1, got {config.train.max_nonfinite_steps}")
     check(config.eval.metric in EVAL_METRICS, "eval.metric",
           f"unknown metric {config.eval.metric!r}; choose one of {', '.join(EVAL_METRICS)}")
     check(config.eval.every_epochs >= 0, "eval.every_epochs", "must be 0 (never) or more")

@@ -117,3 +117,95 @@ def test_example_configs_are_valid(path: Path) -> None:
     else:
         config = load_config(str(path))
         assert config.data.train.coco.endswith("train.json") and config.data.val.coco.endswith("val.json")
+
+
+# ------------------------------------------------------------------ hostile and broken input (issue 14)
+def test_nested_aliases_are_refused_quickly_with_a_short_line(tmp_path: Path) -> None:
+    """A 'billion laughs' YAML: ten levels of ten aliases each would expand to 10^10 values."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 10):
+        refs = ", ".join([f"*a{level - 1}"] * 10)
+        lines.append(f"a{level}: &a{level} [{refs}]")
+    lines.append("optim: {lr: *a9}")
+    path = write(tmp_path, "\n".join(lines) + "\n")
+    assert len(Path(path).read_bytes()) < 1000
+    with pytest.raises(ConfigError) as info:
+        load_config(path, DATA)
+    assert "expands to more than 100000 values" in str(info.value)
+    assert len(str(info.value)) < 400 and "\n" not in str(info.value)
+
+
+def test_recursive_alias_and_oversized_file_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="recursive YAML alias"):
+        load_config(write(tmp_path, "optim: &o {lr: *o}\n"), DATA)
+    with pytest.raises(ConfigError, match="too large for a config"):
+        load_config(write(tmp_path, "# " + "x" * (1 << 20) + "\n"), DATA)
+
+
+def test_a_bad_value_is_quoted_short(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "optim: {lr: [" + ", ".join(["123456789"] * 5000) + "]}\n"), DATA)
+    assert "optim.lr: expected a number" in str(info.value) and len(str(info.value)) < 400
+
+
+def test_duplicate_keys_name_both_lines(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lr: 0.1\nrun: {name: x}\noptim:\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: line 4: duplicate key 'optim' \(first on line 1\)"):
+        load_config(path, DATA)
+    with pytest.raises(ConfigError, match=r"line 2: duplicate key 'lr' \(first on line 1\)"):
+        load_config(write(tmp_path, "optim: {lr: 0.1,\n        lr: 0.2}\n"), DATA)
+    base = "base: &b {lr: 0.1, momentum: 0.5}\noptim:\n  <<: *b\n  lr: 0.2\n"  # a merge key may be overridden
+    with pytest.raises(ConfigError, match="base: unknown key"):  # ... and parses up to the unknown section
+        load_config(write(tmp_path, base), DATA)
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing.yaml: no such config file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+
+
+def test_missing_config_in_s3_is_a_config_error(s3) -> None:  # noqa: ANN001 - the conftest fixture
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(s3.uri("nothing/run.yaml"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lr=.inf"], "optim.lr: expected a finite number, got inf"),
+    (["optim.lr=.nan"], "optim.lr: expected a finite number, got nan"),
+    (["data.mean=[.nan, 0.5, 0.5]", "data.std=[0.2, 0.2, 0.2]"], "data.mean[0]: expected a finite number"),
+    (["data.cache_gb=.inf"], "data.cache_gb: expected a finite number"),
+    (["data.cache_gb=1.0e+400"], "data.cache_gb: expected a finite number"),
+    (["train.clip_grad_norm=-.inf"], "train.clip_grad_norm: expected a finite number"),
+    (["model.options.box_nms_thresh=.nan"], "model.options.box_nms_thresh: must be a finite number"),
+    (["schedule.epochs=.inf"], "schedule.epochs: expected an integer, got inf"),
+    (["optim.lr=" + "9" * 400], "optim.lr: expected a finite number"),
+    (["schedule.gamma=-1"], "schedule.gamma: must be > 0, got -1.0"),
+    (["schedule.gamma=0"], "schedule.gamma: must be > 0"),
+    (["data.tiles.overlap=640"], "data.tiles.overlap: must be 0 or more and less than data.tiles.size (640)"),
+    (["data.tiles.size=0"], "data.tiles.size: must be at least 1"),
+    (["data.tiles.min_visibility=0"], "data.tiles.min_visibility: must be in (0, 1]"),
+    (["data.max_pixels=0"], "data.max_pixels: must be at least 1"),
+    (["train.max_nonfinite_steps=0"], "train.max_nonfinite_steps: must be at least 1"),
+    (["optim.norm_weight_decay=-1"], "optim.norm_weight_decay: must be >= 0"),
+    (["run.name=.."], "run.name: must be one folder name"),
+    (["run.name=."], "run.name: must be one folder name"),
+    (["run.name=a/../../b"], "run.name: must be one folder name"),
+    (["run.name=a\\b"], "run.name: must be one folder name"),
+    (["run.name=''"], "run.name: must be one folder name"),
+    (["run.name=x..y"], "run.name: must be one folder name"),
+    (["run.name=-rf"], "run.name: must be one folder name"),
+])
+def test_non_finite_values_and_ranges_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*DATA, *overrides])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+def test_new_keys_have_documented_defaults() -> None:
+    config = load_config(None, DATA)
+    assert config.data.max_pixels == 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS
+    assert config.train.max_nonfinite_steps == 20
+    assert load_config(None, [*DATA, "run.name=bccd-frcnn_2.v1"]).run.name == "bccd-frcnn_2.v1"

@@ -18,11 +18,12 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +45,10 @@ STEP_DIR = re.compile(r"step-(\d{9})")
 
 class CheckpointError(InputError):
     """A checkpoint that cannot be used: missing, partial, corrupt or not a checkpoint of ours."""
+
+
+# Raises CheckpointError when a loaded checkpoint lacks what its user needs (resume, export).
+CheckpointCheck = Callable[["LoadedCheckpoint"], None]
 
 
 def step_dir_name(step: int) -> str:
@@ -109,8 +114,10 @@ class CheckpointWriter:
     save tries again). ``wait`` blocks until the upload in flight is committed (or failed) and says which.
     """
 
-    def __init__(self, run_uri: str, keep_last: int = 3, attempts: int = 3, retry_wait_s: float = 2.0) -> None:
+    def __init__(self, run_uri: str, keep_last: int = 3, attempts: int = 3, retry_wait_s: float = 2.0,
+                 fence: Callable[[], None] | None = None) -> None:
         self.root = checkpoints_uri(run_uri)
+        self.fence = fence or (lambda: None)  # raises when this job may no longer write the run (its lease)
         self.keep_last = keep_last
         self.attempts = attempts
         self.retry_wait_s = retry_wait_s
@@ -172,6 +179,7 @@ class CheckpointWriter:
                     "files": {name: {"size": len(data), "sha256": digests[name]} for name, data in files.items()}}
         manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
         storage.write_bytes(storage.join(folder, MANIFEST), manifest_bytes)
+        self.fence()
         storage.write_text(storage.join(self.root, LATEST), json.dumps(
             {"step": snapshot.step, "dir": step_dir_name(snapshot.step),
              "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}) + "\n")
@@ -194,6 +202,7 @@ class CheckpointWriter:
         for info in list_checkpoints(self.root):
             if info.step in keep or info.step >= latest:
                 continue
+            self.fence()
             try:
                 storage.delete_prefix(storage.join(self.root, step_dir_name(info.step)))
                 self.metrics.pop(info.step, None)
@@ -208,12 +217,13 @@ class CheckpointWriter:
 class CheckpointInfo:
     step: int
     uri: str
-    committed: bool  # has a manifest
+    committed: bool  # has a valid manifest
     metric: float | None = None
     epoch: int | None = None
     size: int = 0
     created: str | None = None
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problem: str | None = None  # why a folder with a manifest is unusable (CORRUPT)
 
 
 def list_checkpoints(root: str) -> list[CheckpointInfo]:
@@ -233,16 +243,18 @@ def list_checkpoints(root: str) -> list[CheckpointInfo]:
                 manifest = read_manifest(uri)
             except CheckpointError as exc:
                 log.warning("%s", exc)
-                item.committed = False
+                item.committed, item.problem = False, str(exc)
             else:
-                item.metric, item.epoch = manifest.get("metric"), manifest.get("epoch")
+                item.metric, item.epoch = manifest["metric"], manifest["epoch"]
                 item.files, item.created = manifest["files"], manifest.get("created")
-                item.size = sum(int(f["size"]) for f in item.files.values())
+                item.size = sum(f["size"] for f in item.files.values())
         found.append(item)
     return found
 
 
 def read_manifest(folder: str) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, every field checked: a damaged one is a CheckpointError, never a
+    KeyError or TypeError later."""
     uri = storage.join(folder, MANIFEST)
     try:
         manifest = json.loads(storage.read_bytes(uri))
@@ -250,13 +262,40 @@ def read_manifest(folder: str) -> dict[str, Any]:
         raise CheckpointError(f"{folder}: no {MANIFEST} (an upload that never completed)") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{uri}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"),
-                                                                                             dict):
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{uri}: not a detection-trainer checkpoint manifest")
-    for name, entry in manifest["files"].items():
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or not isinstance(entry, dict):
-            raise CheckpointError(f"{uri}: invalid file entry {name!r}")
+    problem = _manifest_problem(manifest, storage.basename(folder))
+    if problem:
+        raise CheckpointError(f"{uri}: damaged manifest: {problem}")
     return manifest
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any], folder_name: str) -> str | None:
+    """What is wrong with a manifest's fields, or None."""
+    step, epoch, metric, files = (manifest.get(k) for k in ("step", "epoch", "metric", "files"))
+    if not _is_int(step):
+        return f"'step' is {step!r}, not a step number"
+    if STEP_DIR.fullmatch(folder_name) and int(folder_name[5:]) != step:
+        return f"'step' {step} does not match the folder {folder_name}"
+    if not _is_int(epoch):
+        return f"'epoch' is {epoch!r}, not an epoch number"
+    if metric is not None and not (isinstance(metric, int | float) and not isinstance(metric, bool)
+                                   and math.isfinite(metric)):
+        return f"'metric' is {metric!r}, not a finite number"
+    if not isinstance(files, dict) or "state.json" not in files:
+        return "'files' does not list state.json"
+    for name, entry in files.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith(".") or not isinstance(entry, dict):
+            return f"invalid file entry {name!r}"
+        if not _is_int(entry.get("size")):
+            return f"{name}: 'size' is {entry.get('size')!r}"
+        if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+            return f"{name}: 'sha256' is {entry.get('sha256')!r}"
+    return None
 
 
 @dataclass
@@ -295,7 +334,12 @@ def load_checkpoint(folder: str, names: tuple[str, ...] | None = None) -> Loaded
     for (name, _), data in zip(items, contents, strict=True):
         uri = storage.join(folder, name)
         if name == "state.json":
-            state = json.loads(data)
+            try:
+                state = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{uri}: not valid JSON ({exc})") from exc
+            if not isinstance(state, dict):
+                raise CheckpointError(f"{uri}: holds a JSON {type(state).__name__}, not an object")
         elif name.endswith(".pt") and (names is None or name[:-3] in names):
             try:
                 with warnings.catch_warnings():  # torch warns about plain pickles before it refuses them
@@ -304,10 +348,8 @@ def load_checkpoint(folder: str, names: tuple[str, ...] | None = None) -> Loaded
             except Exception as exc:  # anything torch.load refuses is unusable, whatever the reason
                 raise CheckpointError(f"{uri}: refused by torch.load(weights_only=True): "
                                       f"{str(exc).splitlines()[0][:200]}") from exc
-    if state is None:
-        raise CheckpointError(f"{folder}: the manifest lists no state.json")
-    return LoadedCheckpoint(folder, int(manifest["step"]), int(manifest.get("epoch") or 0), state, loaded,
-                            manifest.get("metric"))
+    assert state is not None  # the manifest check requires state.json
+    return LoadedCheckpoint(folder, manifest["step"], manifest["epoch"], state, loaded, manifest["metric"])
 
 
 def read_latest(root: str) -> str | None:
@@ -328,37 +370,50 @@ def read_latest(root: str) -> str | None:
     return storage.join(root, name)
 
 
-def find_resumable(root: str) -> LoadedCheckpoint | None:
+def find_resumable(root: str, check: CheckpointCheck | None = None,
+                   names: tuple[str, ...] | None = None) -> LoadedCheckpoint | None:
     """The newest good checkpoint under ``root``: the one ``latest.json`` names, else (reported) the newest
-    older one that verifies. None when the run has no checkpoint yet."""
+    older one that verifies, loads and passes ``check``. None when the run has no checkpoint yet.
+
+    Anything unusable (a damaged manifest or state.json, a payload that fails its hash or that
+    ``torch.load(weights_only=True)`` refuses, a state ``check`` rejects) is reported as CORRUPT and skipped.
+    """
     latest = read_latest(root)
+    listed = list_checkpoints(root)
     candidates = [latest] if latest else []
-    others = [c.uri for c in reversed(list_checkpoints(root)) if c.committed and c.uri != latest]
+    others = [c.uri for c in reversed(listed) if c.committed and c.uri != latest]
     if latest:
         latest_step = int(STEP_DIR.fullmatch(storage.basename(latest)).group(1))  # type: ignore[union-attr]
         others = [uri for uri in others if int(storage.basename(uri)[5:]) < latest_step]
     for uri in candidates + others:
         try:
-            checkpoint = load_checkpoint(uri)
+            checkpoint = load_checkpoint(uri, names)
+            if check is not None:
+                check(checkpoint)
         except CheckpointError as exc:
-            log.error("cannot resume from %s: %s; trying the previous checkpoint", uri, exc)
+            log.error("CORRUPT checkpoint skipped: %s; trying the previous one", exc)
             continue
         if uri != latest:
-            log.warning("resuming from %s, an older checkpoint than latest.json names", uri)
+            log.warning("using %s, an older checkpoint than latest.json names", uri)
         return checkpoint
-    if candidates or others:
+    if candidates or others or any(c.problem for c in listed):
         raise CheckpointError(f"{root}: no checkpoint verifies; start over with checkpoint.resume=never or name a "
                               "good one with checkpoint.resume=<URI>")
     return None
 
 
-def resolve(uri: str) -> LoadedCheckpoint:
-    """An explicitly named checkpoint: a ``step-<N>`` folder, a checkpoints folder or a run folder."""
+def resolve(uri: str, check: CheckpointCheck | None = None,
+            names: tuple[str, ...] | None = None) -> LoadedCheckpoint:
+    """An explicitly named checkpoint: a ``step-<N>`` folder (used as it is), or a checkpoints or run folder (its
+    newest good checkpoint, falling back past CORRUPT ones)."""
     if storage.exists(storage.join(uri, MANIFEST)):
-        return load_checkpoint(uri)
+        checkpoint = load_checkpoint(uri, names)
+        if check is not None:
+            check(checkpoint)
+        return checkpoint
     for root in (uri, checkpoints_uri(uri)):
-        if storage.exists(storage.join(root, LATEST)) or any(c.committed for c in list_checkpoints(root)):
-            found = find_resumable(root)
+        if storage.exists(storage.join(root, LATEST)) or any(c.committed or c.problem for c in list_checkpoints(root)):
+            found = find_resumable(root, check, names)
             if found is not None:
                 return found
     raise CheckpointError(f"{uri}: no checkpoint there (expected a step-<N> folder with {MANIFEST}, or a run or "

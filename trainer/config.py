@@ -112,6 +112,8 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1.0e-4
     norm_weight_decay: float | None = 0.0  # None: same as weight_decay for norms and biases
+    scale_lr: str = "none"  # none | linear | sqrt: rescale lr from reference_batch to the global batch
+    reference_batch: int = 16  # the global batch (images per optimizer step) that lr is meant for
 
 
 @dataclass
@@ -134,6 +136,7 @@ class TrainConfig:
     deterministic: bool = False
     sync_bn: bool = False
     timeout_minutes: float = 30.0  # collective timeout
+    hang_timeout_seconds: float = 300.0  # a rank without progress this long is stopped (under trainer-launch); 0: off
     max_nonfinite_steps: int = 20  # consecutive skipped non-finite steps before the run stops (exit 2)
 
 
@@ -150,6 +153,7 @@ class CheckpointConfig:
     every_epoch: bool = True  # also at the end of each epoch (after its evaluation); always at the end of the run
     keep_last: int = 3  # plus the best by eval.metric
     grace_seconds: float = 30.0  # the pod's terminationGracePeriodSeconds: warn when a stop checkpoint may not fit
+    lease_ttl_seconds: float = 120.0  # a run lease not renewed this long is stale: another job may take the run
     resume: str = "auto"  # auto (latest in this run, if any) | never | <URI of a checkpoint, checkpoints or run folder>
 
 
@@ -469,6 +473,12 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
           "must be > 0 (or null to disable)")
     check(0 < config.train.ema_decay < 1, "train.ema_decay", "must be in (0, 1)")
     check(config.train.timeout_minutes > 0, "train.timeout_minutes", "must be > 0")
+    check(config.train.hang_timeout_seconds >= 0, "train.hang_timeout_seconds", "must be 0 (off) or more")
+    check(config.optim.scale_lr in ("none", "linear", "sqrt"), "optim.scale_lr",
+          f"must be none, linear or sqrt, got {quote(config.optim.scale_lr, 80)}")
+    check(config.optim.reference_batch >= 1, "optim.reference_batch", "must be at least 1")
+    check(config.checkpoint.lease_ttl_seconds >= 5, "checkpoint.lease_ttl_seconds",
+          f"must be at least 5, got {config.checkpoint.lease_ttl_seconds}")
     check(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
           f"must be at least 1, got {config.train.max_nonfinite_steps}")
     check(config.eval.metric in EVAL_METRICS, "eval.metric",

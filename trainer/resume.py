@@ -20,7 +20,7 @@ import torchvision
 from torch import nn
 
 from trainer import __version__
-from trainer.checkpoint import LoadedCheckpoint, Snapshot, cpu_copy
+from trainer.checkpoint import CheckpointError, LoadedCheckpoint, Snapshot, cpu_copy
 from trainer.config import Config, ConfigError
 from trainer.data.sampler import ResumableDistributedBatchSampler
 from trainer.distributed import DistEnv, all_gather_objects
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 # Keys a resumed run may change without --force: they do not change what is learned (or only its length).
 SAFE_TO_CHANGE = ("run.dir", "schedule.epochs", "log.", "eval.", "checkpoint.", "data.workers", "data.cache_dir",
-                  "data.cache_gb", "data.val.", "train.timeout_minutes")
+                  "data.cache_gb", "data.val.", "train.timeout_minutes", "train.hang_timeout_seconds")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class ResumePoint:
     epoch: int  # the epoch to run next (its sampler already positioned)
     best: float | None
     step: int
+    pending_eval: bool = False  # stopped during this epoch's evaluation: evaluate it before anything else
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -80,7 +81,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ saving
 def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, epoch_done: bool,
                   consumed_batches: int, best: float | None, metric: float | None,
-                  classes: dict[str, list[Any]] | None = None) -> Snapshot | None:
+                  classes: dict[str, list[Any]] | None = None, eval_pending: bool = False) -> Snapshot | None:
     """A CPU copy of the whole training state (a collective: every rank calls it at the same step; rank 0 gets
     the snapshot, the others None)."""
     rngs = all_gather_objects(env, rng_state())
@@ -93,7 +94,7 @@ def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, ep
         "rng": {"world_size": env.world_size, "ranks": rngs},
     }
     state = {
-        "step": t.state.step, "epoch": epoch, "epoch_done": epoch_done,
+        "step": t.state.step, "epoch": epoch, "epoch_done": epoch_done, "eval_pending": eval_pending,
         "loop": {k: v for k, v in asdict(t.state).items() if k != "history"},
         "sampler": t.sampler.state_dict(consumed_batches=consumed_batches) if not epoch_done else None,
         "best": best, "metric": metric, "world_size": env.world_size, "classes": classes,
@@ -137,6 +138,36 @@ def check_config(checkpoint: LoadedCheckpoint, config: Config, force: bool) -> N
                 " (resuming anyway: --force)" if risky else "")
 
 
+def _shape_problem(checkpoint: LoadedCheckpoint) -> str | None:
+    """What a training checkpoint lacks for ``restore``, or None (checked before it is chosen, so a damaged one
+    is skipped for the previous good one instead of failing the restore)."""
+    state, objects = checkpoint.state, checkpoint.objects
+    for key, kind in (("step", int), ("epoch", int), ("epoch_done", bool), ("loop", dict), ("config", dict)):
+        if not isinstance(state.get(key), kind) or (kind is int and isinstance(state.get(key), bool)):
+            return f"state.json: '{key}' is {state.get(key)!r}"
+    if not state["epoch_done"] and not isinstance(state.get("sampler"), dict):
+        return "state.json: a mid-epoch checkpoint without its data position ('sampler')"
+    if not isinstance(state["config"].get("train"), dict) or not isinstance(state["config"]["train"].get("seed"),
+                                                                           int):
+        return "state.json: the config has no train.seed"
+    model, optim, rng = (objects.get(k) for k in ("model", "optimizer", "rng"))
+    if not isinstance(model, dict) or not isinstance(model.get("model"), dict) or not model["model"]:
+        return "model.pt holds no model state"
+    if not isinstance(optim, dict) or not all(isinstance(optim.get(k), dict) for k in ("optimizer", "scheduler")):
+        return "optimizer.pt holds no optimizer and schedule state"
+    if not isinstance(rng, dict) or not isinstance(rng.get("world_size"), int) or not isinstance(
+            rng.get("ranks"), list) or len(rng["ranks"]) != rng["world_size"]:
+        return "rng.pt does not hold one random state per rank"
+    return None
+
+
+def check_resumable(checkpoint: LoadedCheckpoint) -> None:
+    """A CheckpointError (the checkpoint is CORRUPT) unless it holds everything a resume restores."""
+    problem = _shape_problem(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{checkpoint.uri}: {problem}")
+
+
 def restore(t: Trainables, checkpoint: LoadedCheckpoint, env: DistEnv) -> ResumePoint:
     """Load a verified checkpoint into the trainables; returns where the loop continues."""
     state = checkpoint.state
@@ -156,7 +187,10 @@ def restore(t: Trainables, checkpoint: LoadedCheckpoint, env: DistEnv) -> Resume
     for key, value in state["loop"].items():
         setattr(t.state, key, value)
     epoch = int(state["epoch"])
-    if state["epoch_done"]:
+    pending_eval = bool(state.get("eval_pending")) and bool(state["epoch_done"])
+    if pending_eval:
+        t.sampler.set_epoch(epoch)  # the epoch's training is done; only its evaluation is left
+    elif state["epoch_done"]:
         epoch += 1
     else:
         t.sampler.set_epoch(epoch)
@@ -175,7 +209,8 @@ def restore(t: Trainables, checkpoint: LoadedCheckpoint, env: DistEnv) -> Resume
         random.seed(seed)
         same = (f"world size {rng['world_size']} -> {env.world_size}: data order continues exactly, random "
                 "streams re-seeded")
-    where = (f"start of epoch {epoch + 1}" if state["epoch_done"] else
+    where = (f"the evaluation of epoch {epoch + 1}, which runs again" if pending_eval else
+             f"start of epoch {epoch + 1}" if state["epoch_done"] else
              f"epoch {epoch + 1}, {t.sampler.state_dict()['position']} samples into it")
     log.info("resumed from %s: step %d, %s (%s)", checkpoint.uri, t.state.step, where, same)
-    return ResumePoint(epoch, state.get("best"), t.state.step)
+    return ResumePoint(epoch, state.get("best"), t.state.step, pending_eval)

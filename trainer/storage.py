@@ -8,6 +8,8 @@ are the same everywhere. S3 settings come from the standard AWS chain (``AWS_END
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import http.client
 import io
 import logging
@@ -74,6 +76,10 @@ class CredentialsError(StorageError):
 
 class EndpointUnreachable(StorageError):
     """The S3 endpoint could not be reached (after retries)."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost its race: the object already exists (create) or changed meanwhile (replace)."""
 
 
 # ------------------------------------------------------------------------------------------------ URIs
@@ -246,6 +252,8 @@ def _explain(uri: str, exc: BaseException, *, is_read: bool = True) -> StorageEr
             return CredentialsError(uri, f"the credentials were rejected: wrong secret key or region ({code})")
         if code in ("ExpiredToken", "TokenRefreshRequired", "RequestExpired"):
             return CredentialsError(uri, f"the credentials have expired ({code})")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict", "412") or status == 412:
+            return PreconditionFailed(uri, "changed by another writer (conditional write refused)")
         if code in ("AccessDenied", "AllAccessDisabled", "403") or status == 403:
             return AccessDenied(uri, "access denied: the credentials lack permission for this bucket or key")
         message = err.get("Message") or exc
@@ -602,6 +610,92 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
 
 def write_text(uri: str | os.PathLike[str], text_data: str, encoding: str = "utf-8") -> None:
     write_bytes(uri, text_data.encode(encoding))
+
+
+# ---------------------------------------------------------------------------------- conditional writes
+# Compare-and-swap on one small object, for the run lease: S3 conditional PUTs (If-None-Match: * to create,
+# If-Match: <etag> to replace), and on local disk an exclusive hard link and a lock file around read-compare-write.
+@dataclass(frozen=True)
+class Versioned:
+    """An object's content with the version tag a conditional replace must name."""
+
+    data: bytes
+    etag: str
+
+
+def _local_etag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _local_lock(path: Path, uri: str) -> Iterator[None]:
+    """An exclusive advisory lock beside ``path`` (flock: released by the kernel if the holder dies)."""
+    with _errors(uri, is_read=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_versioned(uri: str | os.PathLike[str]) -> Versioned:
+    """A small object's content and version tag (raises NotFound when it does not exist)."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, Path):
+        with _errors(text):
+            data = loc.read_bytes()
+        return Versioned(data, _local_etag(data))
+    with _errors(text):
+        response = s3_client().get_object(Bucket=loc.bucket, Key=loc.key)
+        return Versioned(response["Body"].read(), str(response["ETag"]))
+
+
+def create_exclusive(uri: str | os.PathLike[str], data: bytes) -> str:
+    """Create an object that must not exist yet; its version tag, or PreconditionFailed when it exists."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, S3Location):
+        with _errors(text, is_read=False):
+            return str(s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfNoneMatch="*")["ETag"])
+    with _local_lock(loc, text), _errors(text, is_read=False):
+        fd, tmp = tempfile.mkstemp(dir=loc.parent, prefix=f".{loc.name[:64]}{_TMP_MARKER}")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            try:
+                os.link(tmp, loc)  # atomic, and refuses an existing name: a complete file or nothing
+            except FileExistsError as exc:
+                raise PreconditionFailed(text, "already exists (exclusive create refused)") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _fsync_dir(loc.parent)
+    return _local_etag(data)
+
+
+def replace_if_match(uri: str | os.PathLike[str], data: bytes, etag: str) -> str:
+    """Replace an object only if it is still the version ``etag``; the new tag, or PreconditionFailed."""
+    text = os.fspath(uri)
+    loc = parse(text)
+    if isinstance(loc, S3Location):
+        with _errors(text, is_read=False):
+            return str(s3_client().put_object(Bucket=loc.bucket, Key=loc.key, Body=data, IfMatch=etag)["ETag"])
+    with _local_lock(loc, text):
+        try:
+            current = read_versioned(text)
+        except NotFound as exc:
+            raise PreconditionFailed(text, "no longer exists (conditional replace refused)") from exc
+        if current.etag != etag:
+            raise PreconditionFailed(text, "changed by another writer (conditional replace refused)")
+        with _local_atomic(loc, text) as handle:
+            handle.write(data)
+    return _local_etag(data)
 
 
 @contextlib.contextmanager

@@ -153,3 +153,68 @@ def test_failed_uploads_are_retried_then_reported_and_the_run_goes_on(tmp_path: 
     result = writer.close()
     assert result is not None and result.step == 10
     assert find_resumable(str(tmp_path / "checkpoints")).step == 10  # type: ignore[union-attr]
+
+
+def _rewrite(folder: Path, name: str, data: bytes) -> None:
+    """Replace one payload object and keep its manifest entry consistent: only the content is damaged."""
+    import hashlib
+
+    (folder / name).write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _edit_manifest(folder: Path, edit: object) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)  # type: ignore[operator]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "manifest without size": lambda f: _edit_manifest(f, lambda m: m["files"]["model.pt"].pop("size")),
+    "manifest without step": lambda f: _edit_manifest(f, lambda m: m.pop("step")),
+    "manifest step as text": lambda f: _edit_manifest(f, lambda m: m.update(step="10")),
+    "manifest step of another folder": lambda f: _edit_manifest(f, lambda m: m.update(step=3)),
+    "manifest without epoch": lambda f: _edit_manifest(f, lambda m: m.pop("epoch")),
+    "manifest metric as text": lambda f: _edit_manifest(f, lambda m: m.update(metric="NaN")),
+    "manifest size as text": lambda f: _edit_manifest(f, lambda m: m["files"]["model.pt"].update(size="12")),
+    "manifest sha256 missing": lambda f: _edit_manifest(f, lambda m: m["files"]["state.json"].pop("sha256")),
+    "manifest files a list": lambda f: _edit_manifest(f, lambda m: m.update(files=["model.pt"])),
+    "manifest not an object": lambda f: (f / "manifest.json").write_text("[1, 2]"),
+    "state.json undecodable": lambda f: _rewrite(f, "state.json", b"\xff\xfe{"),
+    "state.json not an object": lambda f: _rewrite(f, "state.json", b"[1, 2, 3]"),
+    "state.json invalid JSON": lambda f: _rewrite(f, "state.json", b'{"step": '),
+    "model.pt refused by torch.load": lambda f: _rewrite(f, "model.pt", pickle.dumps(Boom())),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_any_damage_marks_the_checkpoint_corrupt_and_the_previous_one_is_used(
+        damage: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    committed(tmp_path, [5, 10])
+    DAMAGE[damage](tmp_path / "checkpoints" / step_dir_name(10))
+    found = find_resumable(str(tmp_path / "checkpoints"))
+    assert found is not None and found.step == 5
+    assert resolve(str(tmp_path)).step == 5
+    listed = {c.step: c for c in list_checkpoints(str(tmp_path / "checkpoints"))}
+    assert listed[5].committed
+    if damage.startswith("manifest"):
+        assert not listed[10].committed and listed[10].problem
+    assert "CORRUPT" in caplog.text or listed[10].problem
+
+
+def test_a_check_rejecting_the_newest_state_falls_back_too(tmp_path: Path) -> None:
+    committed(tmp_path, [5, 10])
+
+    def needs_even_steps(checkpoint: object) -> None:
+        if checkpoint.step % 10:  # type: ignore[attr-defined]
+            raise CheckpointError("odd")
+
+    assert find_resumable(str(tmp_path / "checkpoints"), check=needs_even_steps).step == 10  # type: ignore[union-attr]
+
+    def refuses_ten(checkpoint: object) -> None:
+        if checkpoint.step == 10:  # type: ignore[attr-defined]
+            raise CheckpointError("step 10 lacks its optimizer state")
+
+    assert find_resumable(str(tmp_path / "checkpoints"), check=refuses_ten).step == 5  # type: ignore[union-attr]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from trainer import __version__, storage
-from trainer.config import AUGMENT_PRESETS
+from trainer.config import AUGMENT_PRESETS, DEFAULT_MAX_PIXELS
 from trainer.errors import InputError
 from trainer.logs import LEVELS, setup_logging
 
@@ -30,6 +30,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # Parallel processes for convert/stats: every core, but not so many that a big node starves its neighbours.
 PROCESS_WORKERS = max(1, min(8, os.cpu_count() or 1))  # as ConvertOptions.workers
+SYNTH_MAX_SIZE = 4096  # --size: a 4096² RGB image is 50 MB; 100000² would be 30 GB
+SYNTH_MAX_IMAGES = 1_000_000
 
 
 def _human(size: float) -> str:
@@ -88,6 +90,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         voc_root=args.voc_root, out=args.out, all=args.all, labels=args.labels, voc_offset=args.voc_offset,
         difficult=args.difficult, strict=args.strict, workers=args.workers, report=args.report,
+        annotations_only=args.annotations_only,
         splits=[s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None,
     )
     if args.skip_if_done:
@@ -135,7 +138,7 @@ def _dataset(args: argparse.Namespace, transforms: Any = None) -> CocoDetection:
     from trainer.data.dataset import CocoDetection
 
     return CocoDetection(load_coco_index(args.coco), args.images, transforms, drop_empty=False,
-                         seed=getattr(args, "seed", 0))
+                         seed=getattr(args, "seed", 0), max_pixels=args.max_pixels)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -144,7 +147,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     dataset = _dataset(args)
     log.info("computing per-channel mean/std over %d images with %d workers", len(dataset), args.workers)
     stats = channel_stats(dataset, workers=args.workers)
-    log.info("%d images, %d pixels", stats.images, stats.pixels)
+    log.info("%d images, %d pixels%s", stats.images, stats.pixels,
+             f"; {len(stats.skipped)} unreadable images skipped and not counted" if stats.skipped else "")
     print(stats.as_yaml(), end="")
     return EXIT_OK
 
@@ -153,6 +157,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     from trainer.data.show import render_grids
     from trainer.data.transforms import build_transforms
 
+    if args.n < 1 or args.epoch < 0:
+        print("trainer: error: show: --n must be at least 1 and --epoch 0 or more", file=sys.stderr)
+        return EXIT_USAGE
     dataset = _dataset(args, build_transforms(args.augment, train=True))
     for uri in render_grids(dataset, args.out, count=args.n, epoch=args.epoch):
         print(uri)
@@ -162,8 +169,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from trainer.synth import make_shapes_dataset
 
-    if args.n < 2 or args.size < 32:
-        raise InputError("--n must be at least 2 and --size at least 32")
+    if not 2 <= args.n <= SYNTH_MAX_IMAGES or not 32 <= args.size <= SYNTH_MAX_SIZE:
+        print(f"trainer: error: synth: --n must be in [2, {SYNTH_MAX_IMAGES}] and --size in [32, {SYNTH_MAX_SIZE}]",
+              file=sys.stderr)
+        return EXIT_USAGE
     result = make_shapes_dataset(args.out, n=args.n, size=args.size, seed=args.seed)
     log.info("wrote %d train and %d val images (%d shapes): %s, %s, images under %s", result.train_images,
              result.val_images, result.objects, result.train_uri, result.val_uri, result.images_uri)
@@ -208,7 +217,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     uris = list_images(args.images)  # before the model: a wrong path fails in a second
     detector = load_detector(args.weights, model_config, index)
     summary = write_predictions(detector, uris, args.out, args.score_thr, args.batch_size,
-                                pictures=not args.no_pictures)
+                                pictures=not args.no_pictures, max_pixels=args.max_pixels)
     log.info("%d images, %d detections with score >= %.2f: %s%s", summary.images, summary.detections,
              args.score_thr, summary.json_uri, f" and {len(summary.picture_uris)} PNGs" if summary.picture_uris else "")
     return EXIT_OK
@@ -328,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--strict", action="store_true", help="any warning fails the run and nothing is written")
     conv.add_argument("--workers", type=int, default=PROCESS_WORKERS,
                       help="parallel parser processes (the output does not depend on it)")
+    conv.add_argument("--annotations-only", action="store_true",
+                      help="convert without JPEGImages/: no image existence check, sizes from each XML's <size> "
+                           "(for annotations stored apart from their images)")
     conv.add_argument("--report", help="write every problem, file by file, as JSON to this path/URI")
     conv.add_argument("--skip-if-done", action="store_true",
                       help="do nothing when --report records a successful conversion whose outputs all exist "
@@ -337,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_args = argparse.ArgumentParser(add_help=False)
     data_args.add_argument("--coco", required=True, help="COCO JSON (local or s3://)")
     data_args.add_argument("--images", required=True, help="image root the file_names are relative to")
+    data_args.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                           help="skip images whose header declares more pixels, unread (default: Pillow's "
+                                f"decompression-bomb limit, {DEFAULT_MAX_PIXELS})")
 
     stats = sub.add_parser("stats", parents=[common, data_args],
                            help="exact per-channel mean/std of a data set, printed in the config's format")
@@ -377,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=4)
     predict.add_argument("--config", help="for a plain state dict: the config naming the model and its classes")
     predict.add_argument("--no-pictures", action="store_true", help="only write detections.json")
+    predict.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                         help="skip images whose header declares more pixels, unread (default: "
+                              f"{DEFAULT_MAX_PIXELS})")
     predict.set_defaults(func=cmd_predict)
 
     ckpt = sub.add_parser("ckpt", parents=[common], help="list and export checkpoints")
@@ -437,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"TRAINER_LOG_LEVEL: {exc}")
     if getattr(args, "workers", 1) < 1 or getattr(args, "batch_size", 1) < 1:
         parser.error("--workers and --batch-size must be at least 1")
+    if getattr(args, "max_pixels", 1) < 1:
+        parser.error("--max-pixels must be at least 1")
     try:
         return int(args.func(args))
     except storage.StorageError as exc:

@@ -266,3 +266,35 @@ def test_skip_if_done_trusts_only_a_successful_report_whose_outputs_exist(tmp_pa
     fourth = cli(*args)
     assert fourth.returncode == 0 and "not valid JSON" in fourth.stderr and "skipped" not in fourth.stderr
     assert cli("--voc-root", str(root), "--out", str(out), "--skip-if-done").returncode == 2
+
+
+# ------------------------------------------------------------------ annotations stored apart from images (issue 14)
+def test_annotations_only_converts_without_jpegimages_and_the_error_suggests_it(tmp_path: Path) -> None:
+    root = make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)]),
+                                       "b.xml": voc_xml("sub/dir/b.png", [("c", 2, 2, 9, 9)]),
+                                       "c.xml": voc_xml("c.jpg", [("c", 1, 1, 5, 5)], size=None),
+                                       "d.xml": voc_xml(None, [("c", 1, 1, 5, 5)])}, [])
+    (root / "JPEGImages").rmdir()
+    result = cli("--voc-root", str(root), "--out", str(tmp_path / "out"), "--all")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no image files found" in result.stderr and "--annotations-only" in result.stderr
+
+    result = cli("--voc-root", str(root), "--out", str(tmp_path / "out"), "--all", "--annotations-only",
+                 "--report", str(tmp_path / "report.json"))
+    assert result.returncode == 1, result.stderr  # c.xml has no size: an error, the others are converted
+    doc = load(tmp_path / "out/all.json")
+    assert [(i["file_name"], i["width"], i["height"]) for i in doc["images"]] == [("a.jpg", 640, 480),
+                                                                                 ("b.png", 640, 480)]
+    assert [a["bbox"] for a in doc["annotations"]] == [[1, 1, 4, 4], [2, 2, 7, 7]]
+    problems = json.loads((tmp_path / "report.json").read_text())["problems"]
+    assert problems["no_size"]["items"][0]["file"] == "c.xml"
+    assert problems["missing_image"]["items"][0]["file"] == "d.xml"
+    assert problems["filename_has_directory"]["items"][0]["file"] == "b.xml"
+    assert "missing_image" not in {k for k, v in problems.items() if any(i["file"] == "a.xml" for i in v["items"])}
+
+
+def test_bccd_annotations_only_matches_the_full_conversion(tmp_path: Path) -> None:
+    full = run_convert(BCCD, tmp_path / "full", all=True)
+    alone = run_convert(BCCD, tmp_path / "alone", all=True, annotations_only=True)
+    assert full.exit_code == alone.exit_code == 0
+    assert load(tmp_path / "full/all.json") == load(tmp_path / "alone/all.json")

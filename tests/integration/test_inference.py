@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import S3Env
+from tests.support.images import bomb_png
 from trainer import cli, storage
 from trainer.config import ModelConfig
 from trainer.data.coco_index import load_coco_index
@@ -139,3 +140,53 @@ def test_eval_refuses_a_split_that_is_not_configured(tmp_path: Path, weights: Pa
     config.write_text(f"data: {{train: {{coco: {shapes / 'train.json'}, images: {shapes / 'images'}}}}}\n")
     assert cli.main(["eval", "--config", str(config), "--weights", str(weights)]) == 1
     assert "data.val.coco is not set" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ hostile and broken input (issue 14)
+def test_predict_skips_a_decompression_bomb_unread_and_keeps_the_others(shapes: Path, weights: Path,
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    good = sorted((shapes / "images").iterdir())[:3]
+    for path in good:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "shape_00001_bomb.png").write_bytes(bomb_png(30000, 30000))
+    assert cli.main(["predict", "--weights", str(weights), "--images", str(folder), "--out", str(tmp_path / "out"),
+                     "--score-thr", "0", "--no-pictures"]) == 0
+    err = capsys.readouterr().err
+    assert "shape_00001_bomb.png: the header declares 900000000 pixels, over the limit of 89478485" in err
+    records = json.loads((tmp_path / "out/detections.json").read_text())
+    assert {r["file_name"] for r in records} == {str(folder / p.name) for p in good}
+
+
+def test_predict_writes_results_as_it_goes(shapes: Path, weights: Path, tmp_path: Path) -> None:
+    """Whatever stops a prediction run (here the model failing on the third batch), detections.json holds every
+    image finished before it, as valid JSON."""
+    detector = load_detector(str(weights))
+    uris = list_images(str(shapes / "images"))[:6]
+    model, calls = detector.model, []
+
+    def failing(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return model(images)
+
+    detector.model = failing  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="simulated"):
+        write_predictions(detector, uris, str(tmp_path / "out"), score_threshold=0.0, batch_size=2)
+    records = json.loads((tmp_path / "out/detections.json").read_text())
+    assert sorted({r["file_name"] for r in records}) == uris[:4]
+    assert len(list((tmp_path / "out").glob("*.png"))) == 4
+
+
+def test_non_finite_weights_are_never_written(tmp_path: Path, shapes: Path) -> None:
+    from trainer.inference import NonFiniteWeightsError
+
+    state = build_model(SMALL, 4).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone().fill_(float("nan"))
+    with pytest.raises(NonFiniteWeightsError, match=r"model_final.pt: not written: 1 of \d+ weight tensors hold NaN"):
+        save_weights(str(tmp_path / "model_final.pt"), state, SMALL, load_coco_index(str(shapes / "train.json")))
+    assert not (tmp_path / "model_final.pt").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -52,3 +54,23 @@ def simple_dataset(root: Path, count: int = 12, size: tuple[int, int] = (96, 64)
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1 + j,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
     return write_coco(root / "coco.json", images, annotations, ["a", "b"]), images_dir
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid grayscale PNG of ``width`` x ``height`` black pixels, compressed as far as zlib goes (30000² is
+    875 KB on disk and 2.7 GB as decoded RGB): a decompression bomb, streamed so making it costs little memory."""
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    rows_per_block = max(1, min(height, (32 << 20) // (width + 1)))
+    block = b"\0" * ((width + 1) * rows_per_block)  # each row: filter byte 0, then the pixels
+    parts = []
+    done = 0
+    while done < height:
+        rows = min(rows_per_block, height - done)
+        parts.append(compressor.compress(block[: rows * (width + 1)]))
+        done += rows
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 
-from tests.support.images import RECT_COLOR, image_with_rectangles, simple_dataset, write_coco
+from tests.support.images import RECT_COLOR, bomb_png, image_with_rectangles, simple_dataset, write_coco
 from trainer.data.coco_index import DataError, load_coco_index
 from trainer.data.dataset import CocoDetection
 from trainer.data.transforms import PRESETS, build_transforms
@@ -184,3 +184,44 @@ def test_labels_follow_sorted_category_ids(tmp_path: Path) -> None:
     index = load_coco_index(str(path))
     assert index.category_names == ["three", "seven"] and index.num_classes == 3
     assert index.images[0].labels.tolist() == [2, 1]
+
+
+# ------------------------------------------------------------------ limits before work (issue 14)
+def test_an_image_over_max_pixels_is_skipped_from_its_header_unread(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    coco, images = simple_dataset(tmp_path, count=4)
+    (images / "img_001.png").write_bytes(bomb_png(2000, 1500))  # 3 M pixels, over the limit set below
+    ds = CocoDetection(load_coco_index(str(coco)), str(images), max_pixels=2_000_000)
+    with caplog.at_level(logging.WARNING):
+        samples = ds.__getitems__([0, 1, 2]) + ds.__getitems__([1])
+    assert [s[2].uri.rsplit("/", 1)[1] for s in samples] == ["img_000.png", "img_002.png", "img_002.png",
+                                                              "img_002.png"]
+    assert samples[1][2].skipped == [str(images / "img_001.png")]
+    warned = [r.getMessage() for r in caplog.records if "img_001.png" in r.getMessage()]
+    assert len(warned) == 1 and "2000x1500 = 3000000 pixels, over the limit of 2000000" in warned[0]
+    assert CocoDetection(load_coco_index(str(coco)), str(images)).max_pixels == 89_478_485  # Pillow's limit
+    with pytest.raises(DataError, match="over the limit"):
+        CocoDetection(load_coco_index(str(coco)), str(images), max_pixels=2_000_000, strict=True)[1]
+
+
+def test_a_worker_error_reaches_the_main_process_as_one_line(tmp_path: Path) -> None:
+    from trainer.data.loader import build_loader
+
+    coco, images = simple_dataset(tmp_path, count=3)
+    for path in images.iterdir():
+        path.unlink()
+    ds = CocoDetection(load_coco_index(str(coco)), str(images), max_substitutes=2)
+    loader = build_loader(ds, [[0, 1]], workers=1, persistent_workers=False)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith(str(images / "img_000.png")) and "all unreadable (the last:" in message
+
+
+def test_images_under_a_missing_bucket_are_named_as_such(tmp_path: Path, s3) -> None:  # noqa: ANN001
+    from trainer import storage
+
+    coco, _ = simple_dataset(tmp_path, count=2)
+    with pytest.raises(storage.BucketNotFound, match="does not exist"):
+        CocoDetection(load_coco_index(str(coco)), "s3://no-such-bucket-here/images")

@@ -142,3 +142,33 @@ def test_flags_accept_common_spellings_and_report_others() -> None:
 def test_five_thousand_objects_in_one_file() -> None:
     objects = [("RBC", i % 600, i % 400, i % 600 + 5, i % 400 + 5) for i in range(5000)]
     assert len(parse_voc(voc_xml("big.jpg", objects).encode()).objects) == 5000
+
+
+# ------------------------------------------------------------------ encodings as the XML spec detects them (issue 14)
+ENTITY_DOC = ('<?xml version="1.0" encoding="utf-16"?><!DOCTYPE annotation [<!ENTITY e "EVIL">]>'
+              '<annotation><filename>a.jpg</filename><object><name>&e;</name><bndbox><xmin>1</xmin><ymin>1</ymin>'
+              '<xmax>5</xmax><ymax>5</ymax></bndbox></object></annotation>')
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_wide_encodings_without_a_bom_cannot_bypass_the_entity_check(codec: str) -> None:
+    """Without a BOM, expat itself recognises '<\\0?\\0' as UTF-16 and expanded the declared entity into a class
+    name; the document must be refused like its BOM-carrying twin."""
+    assert error_kind(ENTITY_DOC.replace("utf-16", codec[:6]).encode(codec)) == "unsafe_xml"
+    assert error_kind(codecs.BOM_UTF16_LE + ENTITY_DOC.encode("utf-16-le")) == "unsafe_xml"
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_wide_encodings_without_a_bom_or_prolog_parse(codec: str) -> None:
+    record = parse_voc(voc_xml("ré.jpg", [("RBC", 1, 2, 30, 40)]).encode(codec))
+    assert record.filename == "ré.jpg" and record.objects[0].name == "RBC"
+
+
+def test_undeclared_non_utf8_bytes_are_bad_encoding_not_malformed_xml() -> None:
+    latin1 = voc_xml("café.jpg", [("RBC", 1, 2, 30, 40)]).encode("latin-1")
+    assert error_kind(latin1) == "bad_encoding"
+    assert error_kind(b'<?xml version="1.0"?>\n' + latin1) == "bad_encoding"
+    assert error_kind(b'<?xml version="1.0" encoding="utf-8"?>\n' + latin1) == "bad_encoding"
+    assert error_kind(b'<?xml version="1.0" encoding="UTF-16"?>\n' + latin1) == "bad_encoding"  # a false claim
+    declared = parse_voc(b'<?xml version="1.0" encoding="ISO-8859-1"?>\n' + latin1)
+    assert declared.filename == "café.jpg"

@@ -63,6 +63,7 @@ class ConvertOptions:
     strict: bool = False
     workers: int = max(1, min(8, os.cpu_count() or 1))
     report: str | None = None
+    annotations_only: bool = False  # no JPEGImages/: images named by <filename>, sizes from <size>
 
 
 @dataclass
@@ -295,6 +296,23 @@ def _resolve_image(parsed: Parsed, images: dict[str, str], by_stem: dict[str, li
     return None
 
 
+def _name_image(parsed: Parsed, problems: _Problems) -> str | None:
+    """--annotations-only: the image is the base name of <filename> (there is no folder to look in)."""
+    given = (parsed.filename or "").strip()
+    base = given.replace("\\", "/").rstrip("/").rpartition("/")[2]
+    if not given:
+        problems.add("missing_image", parsed.xml, "no <filename>: with --annotations-only the image is named only "
+                                                  "by it; skipped")
+        return None
+    if base in ("", ".", ".."):
+        problems.add("unsafe_filename", parsed.xml, f"<filename> {given!r} names no file")
+        return None
+    if base != given:
+        problems.add("filename_has_directory", parsed.xml, f"<filename> {given!r} has directory parts; "
+                                                           f"using {base!r}")
+    return base
+
+
 def _settle_classes(names: Counter[str], labels: list[str] | None,
                     problems: _Problems, files_by_name: dict[str, str]) -> tuple[list[str], dict[str, str | None]]:
     """The category list and, for every name seen, the category it maps to (None: skipped)."""
@@ -339,9 +357,11 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     xmls = {n: u for n, u in _list_names(ann_dir).items() if n.lower().endswith(".xml")}
     if not xmls:
         raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
-    images = {n: u for n, u in _list_names(img_dir).items() if _suffix(n) in IMAGE_EXTENSIONS}
-    if not images:
-        raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder)")
+    images = {} if options.annotations_only else \
+        {n: u for n, u in _list_names(img_dir).items() if _suffix(n) in IMAGE_EXTENSIONS}
+    if not images and not options.annotations_only:
+        raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder); if the images are "
+                           "stored elsewhere, --annotations-only converts from the XML alone (sizes from <size>)")
     by_stem: dict[str, list[str]] = {}
     for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(_suffix(n)), n)):
         by_stem.setdefault(_stem(name), []).append(name)
@@ -368,7 +388,8 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
         for kind, detail in parsed.problems:
             problems.add(kind, parsed.xml, detail)
         parsed.problems.clear()  # what finish() adds later is reported with the boxes
-        image = _resolve_image(parsed, images, by_stem, problems)
+        image = _name_image(parsed, problems) if options.annotations_only else \
+            _resolve_image(parsed, images, by_stem, problems)
         if image is None:
             continue
         if image in owner:
@@ -378,7 +399,12 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
         kept[_stem(parsed.xml)] = (parsed, image)
         if parsed.width is None or parsed.height is None:
             need_size.append((parsed, image))
-    _fill_sizes(need_size, images, problems, rules)
+    if options.annotations_only:
+        for parsed, image in need_size:
+            problems.add("no_size", parsed.xml, f"<size> is missing or zero and --annotations-only reads no image "
+                                                f"header (for {image!r})")
+    else:
+        _fill_sizes(need_size, images, problems, rules)
 
     # Classes.
     seen: Counter[str] = Counter()

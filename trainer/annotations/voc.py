@@ -2,8 +2,9 @@
 
 Safety: a document that carries a DTD (the only place entities can be declared) is parsed by defusedxml, which
 refuses entity declarations and external references. A document without a DTD cannot declare entities, so the
-C ElementTree parser gives the same result several times faster; every document is transcoded to UTF-8 first,
-so the DTD check sees the real bytes whatever encoding the prolog declares.
+C ElementTree parser gives the same result several times faster; every document is transcoded to UTF-8 first
+(its encoding detected as the XML specification says: BOM, first bytes, declaration), so the DTD check sees the
+real characters whatever the encoding, and the parser is never left to guess one.
 
 Nothing here raises for bad data except :class:`VocError` (the whole file is unusable); object-level problems
 are returned as ``(kind, detail)`` pairs and the object is dropped or repaired.
@@ -76,27 +77,60 @@ def _label(raw: str | None) -> str:
     return label
 
 
+# XML 1.0, appendix F: without a byte-order mark, the first four bytes of "<?xml" (or of any "<" and a letter)
+# tell UTF-32 and UTF-16 documents apart from ASCII-compatible ones.
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+              (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_WIDE_ENCODINGS = {"utf-16", "utf-16le", "utf-16be", "utf-32", "utf-32le", "utf-32be", "ucs-2", "ucs-4",
+                   "iso-10646-ucs-2", "iso-10646-ucs-4", "utf16", "utf32"}
+
+
+def _sniff_wide(head: bytes) -> str | None:
+    """The UTF-16/32 variant a BOM-less document starts in (its first character is ASCII, e.g. '<'), or None."""
+    if len(head) < 4:
+        return None
+    a, b, c, d = head[:4]
+    if a == b == c == 0 and d:
+        return "utf-32-be"
+    if a and b == c == d == 0:
+        return "utf-32-le"
+    if a == 0 and b and c == 0 and d:
+        return "utf-16-be"
+    if a and b == 0 and c and d == 0:
+        return "utf-16-le"
+    return None
+
+
 def to_utf8(data: bytes) -> bytes:
-    """The document as UTF-8 bytes with a matching prolog, whatever its BOM or declared encoding."""
+    """The document as UTF-8 bytes with a matching prolog, whatever its BOM or encoding, detected as the XML
+    specification says (BOM, else the first bytes of a UTF-16/32 document, else the declaration; no
+    declaration means UTF-8). Bytes that are not valid in that encoding are ``bad_encoding``. Everything after
+    this (the entity check first of all) sees the real characters."""
     if data.startswith(codecs.BOM_UTF8):
         data = data[3:]
-    elif data.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
-        return _redeclare(data.decode("utf-32"))
-    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return _redeclare(data.decode("utf-16"))
+    else:
+        wide = next((name for bom, name in _WIDE_BOMS if data.startswith(bom)), None) or _sniff_wide(data)
+        if wide is not None:
+            return _redeclare(_decode(data, wide))
     match = _DECLARED_ENCODING.match(data)
-    if match is None:
-        return data
-    encoding = match.group(1).decode("ascii").lower()
+    encoding = match.group(1).decode("ascii").lower() if match else "utf-8"
+    if encoding in _WIDE_ENCODINGS:
+        raise VocError("bad_encoding", f"the prolog declares {encoding!r} but the document is not in "
+                                       "UTF-16/32 (no byte-order mark, one byte per ASCII character)")
     if encoding in _EXPAT_NATIVE:
+        _decode(data, "utf-8" if encoding.startswith("utf") else "ascii", declared=match is not None)
         return data
+    return _redeclare(_decode(data, encoding))
+
+
+def _decode(data: bytes, encoding: str, declared: bool = True) -> str:
     try:
-        text = data.decode(encoding)
+        return data.decode(encoding)
     except LookupError as exc:
         raise VocError("bad_encoding", f"unknown encoding {encoding!r} declared in the XML prolog") from exc
     except UnicodeDecodeError as exc:
-        raise VocError("bad_encoding", f"bytes at offset {exc.start} are not valid {encoding}") from exc
-    return _redeclare(text)
+        how = "" if declared else " (no encoding is declared, so it must be UTF-8)"
+        raise VocError("bad_encoding", f"bytes at offset {exc.start} are not valid {encoding}{how}") from exc
 
 
 def _redeclare(text: str) -> bytes:

@@ -19,6 +19,18 @@ from trainer.errors import InputError
 class DataError(InputError):
     """Bad data set input: the message names the file or object and the problem."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(_unwrap_worker_message(message))
+
+
+def _unwrap_worker_message(message: str) -> str:
+    """A DataLoader worker's exception is re-raised in the main process as ``type(text of the whole worker
+    traceback)``; keep only the original one-line message, so a training log still gets one clear line."""
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") and ": " in last else last
+
 
 @dataclass(frozen=True)
 class ImageRecord:

@@ -5,9 +5,11 @@ with the index because DataLoader workers never see ``set_epoch`` calls made in 
 augmentation of a sample is seeded from (seed, epoch, index) alone. ``__getitems__`` fetches a whole batch's
 objects concurrently, so per-request latency of an object store is hidden behind the decode of the others.
 
-A missing, truncated or undecodable image never stops a run: the next sample takes its place (so batch
+A missing, truncated or undecodable image, or one whose header declares more than ``max_pixels`` pixels (checked
+before decoding: a 1 MB PNG can claim 30000 x 30000), never stops a run: the next sample takes its place (so batch
 counts stay equal on every rank), it is counted in the batch's metadata and named in one warning; with
-``strict=True`` it is an error naming the object instead.
+``strict=True`` it is an error naming the object instead. A bucket that does not exist or refuses access is
+reported as such when the dataset is built, not as a run of unreadable images.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 
 from trainer import storage
+from trainer.annotations.image_size import pixel_problem
+from trainer.config import DEFAULT_MAX_PIXELS
 from trainer.data.coco_index import CocoIndex, DataError, ImageRecord
 from trainer.data.tiles import Tile, TileSpec, crop_to_tile, plan_tiles, visible_fraction
 
@@ -78,7 +82,7 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
                  transforms: Callable[[Any, Any], tuple[Any, Any]] | None = None, *, seed: int = 0,
                  drop_empty: bool = True, strict: bool = False, fetch_threads: int = 8,
                  source: ObjectSource | None = None, max_substitutes: int = 16,
-                 tiles: TileSpec | None = None) -> None:
+                 tiles: TileSpec | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.index = index
         self.images_uri = images_uri
         self.transforms = transforms
@@ -88,6 +92,7 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
         self.source = source or ObjectSource()
         self.max_substitutes = max_substitutes
         self.tiles = tiles
+        self.max_pixels = max_pixels
         # Like torchvision's references: images without a usable (non-crowd) box teach nothing to a detector.
         self.records: list[ImageRecord] = [r for r in index.images if not drop_empty or r.training_box_count]
         # One item per image, or per tile of an image; with drop_empty, tiles without a visible box are skipped.
@@ -102,6 +107,7 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
                     self.items.append((n, tile))
         if not self.items:
             raise DataError(f"{index.uri}: no images with usable boxes")
+        self._check_image_root()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._warned: set[str] = set()
@@ -111,6 +117,26 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
 
     def uri(self, index: int) -> str:
         return storage.join(self.images_uri, self.records[self.items[index][0]].file_name)
+
+    def _check_image_root(self) -> None:
+        """One request for the first image: a missing bucket or refused access is a problem of the whole root,
+        to be named now, not discovered as every image being "unreadable" inside a loader worker."""
+        if not storage.is_s3(self.images_uri):
+            return
+        try:
+            storage.stat(self.uri(0))
+        except (storage.BucketNotFound, storage.AccessDenied, storage.CredentialsError):
+            raise
+        except storage.StorageError:
+            pass  # a missing or briefly unreachable object: the loader skips or retries it
+
+    def read_image(self, index: int) -> torch.Tensor:
+        """The decoded image of item ``index`` alone (no substitute, no target): DataError or StorageError if it
+        cannot be read. ``trainer stats`` uses it, so a skipped image is not counted twice."""
+        data, _, _ = self._fetch(index)
+        if isinstance(data, Exception):
+            raise data
+        return self._decode(data, self.uri(index))
 
     # ----------------------------------------------------------------------------------- fetching
     def _threads(self) -> ThreadPoolExecutor:
@@ -143,6 +169,7 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
     def _sample(self, epoch: int, index: int,
                 fetched: dict[int, tuple[bytes | Exception, float, bool | None]]) -> tuple[Any, Any, SampleMeta]:
         skipped: list[str] = []
+        last_error: Exception | None = None
         for attempt in range(self.max_substitutes + 1):
             current = (index + attempt) % len(self)
             data, seconds, hit = fetched.pop(current, None) or self._fetch(current)
@@ -154,6 +181,7 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
             except (storage.StorageError, DataError) as exc:
                 if self.strict:
                     raise DataError(f"{uri}: {exc}") from exc
+                last_error = exc
                 skipped.append(uri)
                 if uri not in self._warned:
                     self._warned.add(uri)
@@ -166,12 +194,15 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
                     torch.manual_seed(sample_seed(self.seed, epoch, current))
                     image_t, target = self.transforms(image_t, target)
             return image_t, target, SampleMeta(uri, seconds, hit, skipped)
-        raise DataError(f"{self.uri(index)}: this and the next {self.max_substitutes} images are all unreadable")
+        raise DataError(f"{self.uri(index)}: this and the next {self.max_substitutes} images are all unreadable "
+                        f"(the last: {str(last_error)[:200]})")
 
-    @staticmethod
-    def _decode(data: bytes, uri: str) -> torch.Tensor:
+    def _decode(self, data: bytes, uri: str) -> torch.Tensor:
         if not data:
             raise DataError("empty object")
+        problem = pixel_problem(data, self.max_pixels)
+        if problem is not None:
+            raise DataError(problem)
         try:
             buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return decode_image(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)

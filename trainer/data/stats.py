@@ -2,17 +2,23 @@
 
 Pixels are uint8, so per-image sums and sums of squares are exact integers; adding them up in any order
 (workers finish in any order) gives the same totals as stacking every pixel of every image into one tensor.
-Memory stays at one image per worker.
+Memory stays at one image per worker. An image that cannot be read (missing, undecodable, over the pixel limit) is
+skipped and counted, never replaced by another image: a substitute would be counted twice.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from trainer import storage
+from trainer.data.coco_index import DataError
 from trainer.data.dataset import CocoDetection
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,7 @@ class ChannelStats:
     pixels: int
     mean: tuple[float, float, float]  # in [0, 1], like the model's image_mean
     std: tuple[float, float, float]
+    skipped: tuple[str, ...] = ()  # images that could not be read: not counted
 
     def as_yaml(self) -> str:
         def fmt(values: tuple[float, ...]) -> str:
@@ -29,8 +36,12 @@ class ChannelStats:
         return f"data:\n  mean: {fmt(self.mean)}\n  std: {fmt(self.std)}\n"
 
 
-class _ImageSums(Dataset[tuple[int, torch.Tensor, torch.Tensor]]):
-    """(pixel count, per-channel sum, per-channel sum of squares) of each image, as int64."""
+Sums = tuple[int, torch.Tensor, torch.Tensor, str, str]
+
+
+class _ImageSums(Dataset[Sums]):
+    """(pixel count, per-channel sum, per-channel sum of squares, uri, "") of each image, as int64; an
+    unreadable image gives (0, zeros, zeros, uri, why)."""
 
     def __init__(self, dataset: CocoDetection) -> None:
         self.dataset = dataset
@@ -38,9 +49,14 @@ class _ImageSums(Dataset[tuple[int, torch.Tensor, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        image = self.dataset[index][0].as_subclass(torch.Tensor).to(torch.int64).flatten(1)
-        return image.shape[1], image.sum(dim=1), (image * image).sum(dim=1)
+    def __getitem__(self, index: int) -> Sums:
+        uri = self.dataset.uri(index)
+        try:
+            image = self.dataset.read_image(index).to(torch.int64).flatten(1)
+        except (DataError, storage.StorageError) as exc:
+            zeros = torch.zeros(3, dtype=torch.int64)
+            return 0, zeros, zeros, uri, str(exc)[:300]
+        return image.shape[1], image.sum(dim=1), (image * image).sum(dim=1), uri, ""
 
 
 def channel_stats(dataset: CocoDetection, workers: int = 2) -> ChannelStats:
@@ -49,10 +65,17 @@ def channel_stats(dataset: CocoDetection, workers: int = 2) -> ChannelStats:
     pixels = 0
     total = torch.zeros(3, dtype=torch.int64)
     squares = torch.zeros(3, dtype=torch.int64)
-    for count, sums, sq in loader:
+    skipped: list[str] = []
+    for count, sums, sq, uri, problem in loader:
+        if problem:
+            log.warning("skipping unreadable image %s (%s); not counted", uri, problem)
+            skipped.append(uri)
+            continue
         pixels += int(count)
         total += sums
         squares += sq
+    if not pixels:
+        raise DataError(f"{dataset.index.uri}: none of the {len(dataset)} images could be read")
     # Exact rational arithmetic on the integer totals, converted to float once at the end.
     means, stds = [], []
     for s, q in zip(total.tolist(), squares.tolist(), strict=True):
@@ -60,4 +83,5 @@ def channel_stats(dataset: CocoDetection, workers: int = 2) -> ChannelStats:
         variance = (q * pixels - s * s) / (pixels * pixels)
         means.append(mean / 255)
         stds.append(max(variance, 0.0) ** 0.5 / 255)
-    return ChannelStats(len(dataset), pixels, tuple(means), tuple(stds))  # type: ignore[arg-type]
+    return ChannelStats(len(dataset) - len(skipped), pixels, tuple(means), tuple(stds),  # type: ignore[arg-type]
+                        tuple(skipped))

@@ -13,6 +13,7 @@ import dataclasses
 import fnmatch
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_image
 
 from trainer import storage
-from trainer.config import Config, ModelConfig, SplitConfig, parse_section
+from trainer.annotations.image_size import pixel_problem
+from trainer.config import DEFAULT_MAX_PIXELS, Config, ModelConfig, SplitConfig, parse_section
 from trainer.data.coco_index import CocoIndex, load_coco_index
 from trainer.data.dataset import CocoDetection
 from trainer.data.loader import build_loader
@@ -58,7 +60,21 @@ def save_weights(uri: str, state: Mapping[str, torch.Tensor], model_config: Mode
     write_weights(uri, weights_payload(state, model_config, index.category_ids, index.category_names))
 
 
+class NonFiniteWeightsError(InputError):
+    """Weights holding NaN or infinity: writing them as a usable model would hide a diverged run."""
+
+
+def check_finite(uri: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a state dict with any NaN/inf value, naming how many tensors and the first one."""
+    bad = [name for name, tensor in state.items()
+           if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise NonFiniteWeightsError(f"{uri}: not written: {len(bad)} of {len(state)} weight tensors hold NaN or "
+                                    f"infinity (first: {bad[0]}); the training diverged")
+
+
 def write_weights(uri: str, payload: dict[str, Any]) -> None:
+    check_finite(uri, payload["model"])
     with storage.open_write(uri) as stream:  # atomic: a reader never sees half a file
         torch.save(payload, stream)
 
@@ -154,7 +170,11 @@ def _normal(match: str, base: str, uri: str) -> str:
     return match
 
 
-def decode(data: bytes, uri: str) -> torch.Tensor:
+def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """The image as uint8 RGB; its header is checked first, so a decompression bomb is refused unread."""
+    problem = pixel_problem(data, max_pixels)
+    if problem is not None:
+        raise InputError(f"{uri}: {problem}")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
@@ -166,17 +186,20 @@ def decode(data: bytes, uri: str) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_images(detector: Detector, uris: Sequence[str], batch_size: int = 4,
-                   device: torch.device | None = None) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
-    """(uri, uint8 image, output on the CPU) for each image, in order; unreadable images are skipped with a
-    warning so one bad file does not lose the rest."""
+                   device: torch.device | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   skipped: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor, dict[str, torch.Tensor]]]:
+    """(uri, uint8 image, output on the CPU) for each image, in order; unreadable or over-limit images are
+    skipped with a warning (and added to ``skipped``) so one bad file does not lose the rest."""
     device = device or torch.device("cpu")
     for start in range(0, len(uris), batch_size):
         batch: list[tuple[str, torch.Tensor]] = []
         for uri in uris[start:start + batch_size]:
             try:
-                batch.append((uri, decode(storage.read_bytes(uri), uri)))
+                batch.append((uri, decode(storage.read_bytes(uri), uri, max_pixels)))
             except (InputError, storage.StorageError) as exc:
                 log.warning("skipped: %s", exc)
+                if skipped is not None:
+                    skipped.append(uri)
         if not batch:
             continue
         images, _ = to_device([image for _, image in batch], [{} for _ in batch], device)
@@ -191,30 +214,75 @@ class PredictSummary:
     detections: int
     json_uri: str
     picture_uris: list[str]
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+class DetectionsFile:
+    """``detections.json``, rewritten (atomically) as images are done, so a run stopped by anything (a crash,
+    the OOM killer, Ctrl-C) leaves valid JSON with every image finished so far. Rewrites are spaced to at most
+    one per ``spacing`` of the time spent so far (at least ``min_seconds``), so a long run costs O(n log n)."""
+
+    def __init__(self, uri: str, min_seconds: float = 1.0, spacing: float = 0.1) -> None:
+        self.uri = uri
+        self.records: list[dict[str, Any]] = []
+        self.min_seconds, self.spacing = min_seconds, spacing
+        self.started = self.last = time.monotonic()
+        self.written = -1
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        self.records.extend(records)
+        now = time.monotonic()
+        if now - self.last >= max(self.min_seconds, self.spacing * (now - self.started)) or self.written < 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.written == len(self.records) and self.written >= 0:
+            return
+        storage.write_text(self.uri, json.dumps(self.records, indent=1) + "\n")
+        self.written, self.last = len(self.records), time.monotonic()
+
+
+def detection_records(detector: Detector, image_id: int, uri: str, output: dict[str, torch.Tensor],
+                      score_threshold: float) -> tuple[list[dict[str, Any]], torch.Tensor, list[str], torch.Tensor]:
+    """COCO result records (with file and class names) for one image's kept detections; also the kept boxes,
+    names and scores for the picture. Non-finite boxes or scores are dropped (the file stays strict JSON)."""
+    keep = output["scores"] >= score_threshold
+    boxes, scores, labels = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
+    finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+    boxes, scores, labels = boxes[finite], scores[finite], labels[finite]
+    names = [detector.category_names[int(k) - 1] for k in labels]
+    records = []
+    for box, score, label, name in zip(boxes.tolist(), scores.tolist(), labels.tolist(), names, strict=True):
+        records.append({"image_id": image_id, "file_name": uri, "category_id": detector.category_ids[label - 1],
+                        "category_name": name, "score": round(score, 5),
+                        "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
+                                 round(box[3] - box[1], 2)]})
+    return records, boxes, names, scores
 
 
 def write_predictions(detector: Detector, uris: Sequence[str], out: str, score_threshold: float = 0.5,
-                      batch_size: int = 4, pictures: bool = True, device: torch.device | None = None) -> PredictSummary:
+                      batch_size: int = 4, pictures: bool = True, device: torch.device | None = None,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> PredictSummary:
     """``<out>/detections.json`` (COCO result records plus file names and class names) and, per image,
-    ``<out>/<name>.png`` with the boxes drawn."""
-    records: list[dict[str, Any]] = []
+    ``<out>/<name>.png`` with the boxes drawn, both written as the images are done."""
+    detections = DetectionsFile(storage.join(out, "detections.json"))
     picture_uris: list[str] = []
+    skipped: list[str] = []
     seen = 0
-    for image_id, (uri, image, output) in enumerate(predict_images(detector, uris, batch_size, device)):
-        seen += 1
-        keep = output["scores"] >= score_threshold
-        boxes, scores, labels = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
-        names = [detector.category_names[int(k) - 1] for k in labels]
-        for box, score, label, name in zip(boxes.tolist(), scores.tolist(), labels.tolist(), names, strict=True):
-            records.append({"image_id": image_id, "file_name": uri, "category_id": detector.category_ids[label - 1],
-                            "category_name": name, "score": round(score, 5),
-                            "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2),
-                                     round(box[3] - box[1], 2)]})
-        if pictures:
-            stem = storage.basename(uri).rsplit(".", 1)[0]
-            target = storage.join(out, f"{image_id:05d}_{stem}.png")
-            storage.write_bytes(target, encode_png(draw_detections(image, boxes, names, scores.tolist())))
-            picture_uris.append(target)
-    json_uri = storage.join(out, "detections.json")
-    storage.write_text(json_uri, json.dumps(records, indent=1) + "\n")
-    return PredictSummary(seen, len(records), json_uri, picture_uris)
+    try:
+        for image_id, (uri, image, output) in enumerate(
+                predict_images(detector, uris, batch_size, device, max_pixels, skipped)):
+            seen += 1
+            records, boxes, names, scores = detection_records(detector, image_id, uri, output, score_threshold)
+            if pictures:
+                stem = storage.basename(uri).rsplit(".", 1)[0]
+                target = storage.join(out, f"{image_id:05d}_{stem}.png")
+                storage.write_bytes(target, encode_png(draw_detections(image, boxes, names, scores.tolist())))
+                picture_uris.append(target)
+            detections.add(records)
+    finally:
+        detections.flush()  # whatever stopped the loop, what is done is kept
+    if skipped:
+        log.warning("%d of %d images skipped (unreadable or over --max-pixels): %s", len(skipped), len(uris),
+                    ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return PredictSummary(seen, len(detections.records), detections.uri, picture_uris, skipped)

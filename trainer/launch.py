@@ -74,6 +74,12 @@ def retry_seconds(environ: dict[str, str]) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the command (PID 1 in a container): reap orphans and forward signals (trainer/reaper.py)
+        from trainer.reaper import supervise
+
+        supervised = supervise()
+        if supervised is not None:
+            return supervised
     from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -2,13 +2,15 @@
 
 The training loop (trainer/train.py) decides what to log, when to checkpoint and where outputs go; here a step
 moves a batch to the device (uint8 images become float in [0, 1] there), runs the model under autocast, skips
-non-finite losses (a few times, then stops with a clear error), accumulates gradients, clips, steps the
-optimizer and schedule, and updates the EMA weights.
+a step whose loss or gradients are not finite (each skip logged with the rank, step and loss terms; after
+``max_nonfinite_in_a_row`` in a row it stops with NonFiniteLossError, so NaN never reaches the weights),
+accumulates gradients, clips, steps the optimizer and schedule, and updates the EMA weights.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/inf losses too many times in a row: stopping beats silently training on NaN."""
+    """Training produced NaN/inf losses or gradients too many times in a row: stopping beats silently training on
+    NaN. A run that restarting cannot fix (the same data and settings diverge again): exit 2 in trainer.train."""
 
 
 def to_device(images: Sequence[torch.Tensor], targets: Sequence[dict[str, Any]], device: torch.device,
@@ -94,8 +99,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                targets: Sequence[dict[str, Any]], device: torch.device, state: TrainState, *,
                accumulate: int = 1, clip_grad_norm: float | None = None, scaler: torch.amp.GradScaler | None = None,
                autocast_dtype: torch.dtype | None = None, ema: ModelEma | None = None,
-               max_nonfinite_in_a_row: int = 5) -> StepOutcome:
-    """One batch: forward, backward, and every ``accumulate`` batches an optimizer + schedule step."""
+               max_nonfinite_in_a_row: int = 20) -> StepOutcome:
+    """One batch: forward, backward, and every ``accumulate`` batches an optimizer + schedule step.
+
+    Every rank decides to skip together (one tiny all-reduce), or DDP's next collective would hang."""
     images_d, targets_d = to_device(images, targets, device)
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss_dict = model(images_d, targets_d)
@@ -104,15 +111,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     total = float(loss.detach())
     state.micro_step += 1
     if not _all_finite(math.isfinite(total)):  # every rank skips together, or DDP's backward would hang
-        state.nonfinite_in_a_row += 1
-        state.nonfinite_total += 1
-        optimizer.zero_grad(set_to_none=True)
-        if state.nonfinite_in_a_row >= max_nonfinite_in_a_row:
-            raise NonFiniteLossError(
-                f"the loss was not finite for {state.nonfinite_in_a_row} steps in a row (last terms: {terms}); "
-                "lower optim.lr, raise schedule.warmup_iters or check the data")
+        bad = [f"{name}={value}" for name, value in terms.items() if not math.isfinite(value)]
+        _skip(state, optimizer, ", ".join(bad) if bad else "another rank's loss", max_nonfinite_in_a_row)
         return StepOutcome(total, terms, False, False)
-    state.nonfinite_in_a_row = 0
     scaled = loss / accumulate
     if scaler is not None:
         scaler.scale(scaled).backward()
@@ -122,8 +123,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         return StepOutcome(total, terms, True, False)
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if clip_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm) if clip_grad_norm
+                 else torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    # fp16's GradScaler skips steps with inf gradients itself (and lowers its scale): that is not divergence.
+    if scaler is None and not _all_finite(math.isfinite(norm)):
+        _skip(state, optimizer, f"gradient norm={norm}", max_nonfinite_in_a_row)
+        return StepOutcome(total, terms, False, False)
+    state.nonfinite_in_a_row = 0
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -135,6 +142,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if ema is not None:
         ema.update(model)
     return StepOutcome(total, terms, True, True)
+
+
+def _skip(state: TrainState, optimizer: torch.optim.Optimizer, what: str, limit: int) -> None:
+    """Drop this step's gradients, log it, and stop after ``limit`` skips in a row."""
+    state.nonfinite_in_a_row += 1
+    state.nonfinite_total += 1
+    optimizer.zero_grad(set_to_none=True)
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
+    log.warning("rank %d step %d: not finite: %s; step skipped (%d in a row, the run stops at "
+                "train.max_nonfinite_steps=%d)", rank, state.step + 1, what, state.nonfinite_in_a_row, limit)
+    if state.nonfinite_in_a_row >= limit:
+        raise NonFiniteLossError(
+            f"the loss or gradients were not finite for {state.nonfinite_in_a_row} steps in a row (last: {what}); "
+            "stopping: lower optim.lr, raise schedule.warmup_iters or check the data (data.mean/std, boxes)")
 
 
 def _all_finite(finite: bool) -> bool:

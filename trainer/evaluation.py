@@ -52,10 +52,11 @@ def to_coco_detections(outputs: Sequence[dict[str, torch.Tensor]], image_ids: Se
     return detections
 
 
-def load_ground_truth(data: bytes) -> COCO:
-    """A pycocotools COCO object from JSON bytes (read through the storage layer), quietly."""
+def load_ground_truth(data: bytes | dict[str, Any]) -> COCO:
+    """A pycocotools COCO object, quietly, from a validated document (``load_coco_index(..., keep_document=True)
+    .document``: ids unique, boxes valid, so pycocotools' per-id tables lose nothing) or from JSON bytes."""
     gt = COCO()
-    gt.dataset = json.loads(data)
+    gt.dataset = json.loads(data) if isinstance(data, bytes | str) else data
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt

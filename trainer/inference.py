@@ -130,17 +130,17 @@ def load_detector(weights: str, model_config: ModelConfig | None = None, index: 
 def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: DistEnv,
                    autocast_dtype: torch.dtype | None = None) -> EvalResult | None:
     """COCO mAP of ``model`` on ``split``: every rank predicts its share, rank 0 runs pycocotools."""
-    index = load_coco_index(split.coco)
+    index = load_coco_index(split.coco, keep_document=env.is_main)  # the repaired ground truth, for rank 0
     dataset = CocoDetection(index, split.images, build_transforms("none", train=False, mean=config.data.mean,
                                                                   std=config.data.std),
-                            drop_empty=False, strict=config.data.strict)
+                            drop_empty=False, strict=config.data.strict, max_pixels=config.data.max_pixels)
     sampler = ResumableDistributedBatchSampler(len(dataset), config.data.batch_size, env.world_size, env.rank,
                                                shuffle=False)
     loader = build_loader(dataset, sampler, workers=config.data.workers, persistent_workers=False)
     evaluator = DistributedEvaluator(index.category_ids)
     for outputs, targets in predict_batches(model, loader, env.device, autocast_dtype):
         evaluator.update(outputs, targets)
-    gt = load_ground_truth(storage.read_bytes(split.coco)) if env.is_main else None
+    gt = load_ground_truth(index.document) if env.is_main else None  # type: ignore[arg-type]
     return evaluator.finish(env, gt)  # type: ignore[arg-type]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from typing import Any
@@ -37,13 +38,26 @@ class MetricsLog:
                     log.warning("%s line %d is not JSON; dropped from the rewritten file", uri, number)
 
     def write(self, record: dict[str, Any], force: bool = False) -> None:
-        self.records.append({"time": round(time.time(), 3), **record})
+        self.records.append(strict_json_values({"time": round(time.time(), 3), **record}))
         if force or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        storage.write_text(self.uri, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        storage.write_text(self.uri, "".join(json.dumps(strict_json_values(r), sort_keys=True, allow_nan=False)
+                                             + "\n" for r in self.records))
         self.last_flush = time.monotonic()
+
+
+def strict_json_values(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by None: JSON has no such numbers (Python's ``json`` would
+    write ``NaN``/``Infinity``, which other readers refuse), and a record must stay readable by any of them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json_values(v) for v in value]
+    return value
 
 
 class TensorBoardLog:

@@ -74,7 +74,7 @@ def build_train_data(config: Config, env: DistEnv) -> tuple[CocoDetection, Resum
     dataset = CocoDetection(
         index, config.data.train.images,
         build_transforms(config.data.augment, train=True, mean=config.data.mean, std=config.data.std),
-        seed=config.train.seed, strict=config.data.strict,
+        seed=config.train.seed, strict=config.data.strict, max_pixels=config.data.max_pixels,
         tiles=TileSpec(tiles.size, tiles.overlap, tiles.min_visibility) if tiles.enabled else None,
         source=ObjectSource(DiskCache(config.data.cache_dir, int(config.data.cache_gb * 1e9)))
         if config.data.cache_dir else None)
@@ -199,6 +199,8 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     run_uri = config.run_uri
     lookup = start_resume_lookup(config)
     dataset, sampler = build_train_data(config, env)
+    if config.data.val.coco:  # a broken val file is refused now (exit 2), not after the first epoch
+        load_coco_index(config.data.val.coco)
     loader = build_loader(dataset, sampler, workers=config.data.workers)
     model: torch.nn.Module = build_model(config.model, dataset.index.num_classes).to(env.device)
     if config.train.sync_bn and env.distributed:
@@ -246,7 +248,8 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
                 trace.write(epoch, state.step, targets)
             outcome = train_step(ddp, optimizer, scheduler, images, targets, env.device, state,
                                  accumulate=config.train.accumulate, clip_grad_norm=config.train.clip_grad_norm,
-                                 scaler=scaler, autocast_dtype=autocast_dtype, ema=ema)
+                                 scaler=scaler, autocast_dtype=autocast_dtype, ema=ema,
+                                 max_nonfinite_in_a_row=config.train.max_nonfinite_steps)
             batches_this_pass = batch_index + 1
             images_seen += len(images) * env.world_size
             if not outcome.optimizer_stepped:
@@ -354,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as exc:  # config, data or checkpoint: a retry would fail the same way
         log.error("%s", exc)
         return EXIT_CONFIG_ERROR
-    except (storage.StorageError, NonFiniteLossError) as exc:
+    except NonFiniteLossError as exc:  # the same data and settings diverge again: a restart cannot fix it
+        log.error("%s", exc)
+        return EXIT_CONFIG_ERROR
+    except storage.StorageError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
 

@@ -163,9 +163,16 @@ def test_size_disagreement_warns_once_and_trusts_the_image(tmp_path: Path, caplo
     ('{"images": [{"id": 1, "file_name": "x.png", "width": 5, "height": 5}], '
      '"annotations": [{"image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}], '
      '"categories": [{"id": 1, "name": "a"}]}', "refers to image id 2"),
+    ('{"images": [{"id": 1, "file_name": "x.png", "width": 5, "height": 5}, '
+     '{"id": 1, "file_name": "y.png", "width": 5, "height": 5}], "annotations": [], '
+     '"categories": [{"id": 1, "name": "a"}]}', r"images\[1\]: duplicate image id 1"),
+    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
+     r"categories\[1\]: duplicate category id 1"),
+    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "a"}]}',
+     r"categories\[1\]: the name 'a' is also category id 1"),
     ('{"images": [{"id": 1, "file_name": "x.png", "width": 5, "height": 5}], '
-     '"annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, "w", 1]}], '
-     '"categories": [{"id": 1, "name": "a"}]}', "bbox must be 4 finite numbers"),
+     '"annotations": [{"image_id": 1, "category_id": true, "bbox": [0, 0, 1, 1]}], '
+     '"categories": [{"id": 1, "name": "a"}]}', "unknown category_id True"),
 ])
 def test_bad_coco_json_gets_one_clear_error(tmp_path: Path, doc: str, message: str) -> None:
     path = tmp_path / "bad.json"

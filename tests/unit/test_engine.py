@@ -72,3 +72,42 @@ def test_prediction_runs_in_eval_mode_and_restores_training() -> None:
     model = TinyDetector().train()
     outputs = list(predict_batches(model, [(*batch(), None)], torch.device("cpu")))
     assert model.training and outputs[0][0][0]["labels"].tolist() == [1]
+
+
+def test_each_skipped_step_is_logged_with_rank_step_and_term(caplog: pytest.LogCaptureFixture) -> None:
+    model = TinyDetector()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState()
+    model.poison = True
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            step(model, optimizer, state, max_nonfinite_in_a_row=5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("rank 0 step 1: not finite: loss_a=nan; step skipped (1 in a row")
+    assert "train.max_nonfinite_steps=5" in lines[1] and "(2 in a row" in lines[1]
+
+
+def test_default_limit_is_twenty_consecutive_skips() -> None:
+    model = TinyDetector()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState()
+    model.poison = True
+    for _ in range(19):
+        step(model, optimizer, state)
+    with pytest.raises(NonFiniteLossError, match="20 steps in a row"):
+        step(model, optimizer, state)
+
+
+def test_non_finite_gradients_with_a_finite_loss_never_reach_the_weights(caplog: pytest.LogCaptureFixture) -> None:
+    """lr=inf-like divergence shows first in the gradients: the step is skipped, the weights stay finite, and the
+    run stops after the limit instead of writing NaN weights."""
+    model = TinyDetector()
+    model.scale.register_hook(lambda grad: grad * float("inf"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState()
+    for clip in (None, 10.0):
+        outcome = step(model, optimizer, state, clip_grad_norm=clip, max_nonfinite_in_a_row=3)
+        assert outcome.finite is False and not outcome.optimizer_stepped and state.step == 0
+    assert float(model.scale.detach()) == 1.0 and "gradient norm=inf" in caplog.text
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        step(model, optimizer, state, max_nonfinite_in_a_row=3)

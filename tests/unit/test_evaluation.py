@@ -89,3 +89,94 @@ def test_perfect_and_empty_predictions(bccd_test: Path) -> None:
     result = evaluate_detections(gt, perfect)
     assert result.stats["AP"] == pytest.approx(1.0) and all(v == pytest.approx(1.0) for v in result.per_class.values())
     assert evaluate_detections(gt, []).stats["AP"] == 0.0
+
+
+# ------------------------------------------------------------------ broken ground truth (issue 14)
+class Oracle(torch.nn.Module):
+    """A detector that answers each image with the boxes it is given, in the order evaluate_split feeds images
+    (one process, no shuffling, no loader workers): perfect detections, whatever the ground truth file says."""
+
+    def __init__(self, outputs: list[dict[str, torch.Tensor]]) -> None:
+        super().__init__()
+        self.outputs = list(outputs)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return [self.outputs.pop(0) for _ in images]
+
+
+def perfect_outputs(doc: dict) -> list[dict[str, torch.Tensor]]:
+    """Score-1 detections equal to every valid box of ``doc`` (positive size), per image in file order."""
+    label_of = {c["id"]: i + 1 for i, c in enumerate(sorted(doc["categories"], key=lambda c: c["id"]))}
+    outputs = []
+    for image in doc["images"]:
+        anns = [a for a in doc["annotations"] if a["image_id"] == image["id"] and a["bbox"][2] > 0
+                and a["bbox"][3] > 0 and not a.get("iscrowd")]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+        outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor([label_of[a["category_id"]] for a in anns], dtype=torch.int64),
+                        "scores": torch.ones(len(anns))})
+    return outputs
+
+
+def evaluate_with_oracle(doc: dict, tmp_path: Path) -> dict[str, float]:
+    from trainer.config import load_config
+    from trainer.inference import evaluate_split
+
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(doc))
+    config = load_config(None, [f"data.train.coco={path}", f"data.train.images={BCCD / 'JPEGImages'}",
+                                f"data.val.coco={path}", f"data.val.images={BCCD / 'JPEGImages'}",
+                                "data.workers=0", "data.batch_size=4"])
+    result = evaluate_split(Oracle(perfect_outputs(doc)), config.data.val, config, DistEnv())
+    assert result is not None
+    return {"AP": result.stats["AP"], **{f"AP {k}": v for k, v in result.per_class.items()}}
+
+
+def test_perfect_detections_score_1_with_duplicate_annotation_ids(bccd_test: Path, tmp_path: Path) -> None:
+    """pycocotools indexes annotations by id: with repeated ids it lost boxes (AP 0.0019 before the repair)."""
+    doc = json.loads(bccd_test.read_text())
+    for n, ann in enumerate(doc["annotations"]):
+        ann["id"] = n % 50 + 1
+    assert evaluate_with_oracle(doc, tmp_path) == {"AP": 1.0, "AP Platelets": 1.0, "AP RBC": 1.0, "AP WBC": 1.0}
+
+
+def test_perfect_detections_score_1_with_a_negative_width_box(bccd_test: Path, tmp_path: Path) -> None:
+    """A box of negative width can match nothing: kept, it capped recall (AP 0.97 before it was dropped)."""
+    doc = json.loads(bccd_test.read_text())
+    for ann in doc["annotations"][::7]:
+        ann["bbox"][2] = -ann["bbox"][2]
+    assert evaluate_with_oracle(doc, tmp_path)["AP"] == 1.0
+
+
+def test_annotations_without_ids_are_numbered_not_a_crash_after_an_epoch(bccd_test: Path, tmp_path: Path) -> None:
+    doc = json.loads(bccd_test.read_text())
+    for ann in doc["annotations"]:
+        del ann["id"]
+    assert evaluate_with_oracle(doc, tmp_path)["AP"] == 1.0
+
+
+def test_repairs_are_one_warning_per_kind(bccd_test: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from trainer.data.coco_index import load_coco_index
+
+    doc = json.loads(bccd_test.read_text())
+    anns = doc["annotations"]
+    anns[1]["id"] = anns[0]["id"]
+    anns[2]["id"] = anns[0]["id"]
+    anns[3]["bbox"] = [10, 10, 0, 5]
+    anns[4]["bbox"] = [10, 10, float("nan"), 5]
+    anns[5]["bbox"] = [630, 10, 50, 5]  # 640 wide: clipped to 10
+    anns[6]["bbox"] = [700, 10, 50, 5]  # entirely outside
+    del anns[7]["id"]
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(doc))
+    with caplog.at_level("WARNING"):
+        index = load_coco_index(str(path), keep_document=True)
+    assert index.repairs == {"duplicate_id": 2, "degenerate_bbox": 1, "invalid_bbox": 1, "clipped_bbox": 1,
+                             "outside_image": 1, "missing_id": 1}
+    assert len(caplog.records) == 6 and all(str(path) in r.getMessage() for r in caplog.records)
+    assert index.document is not None
+    ids = [a["id"] for a in index.document["annotations"]]
+    assert len(ids) == len(set(ids)) == len(anns) - 3
+    clipped = next(a for a in index.document["annotations"] if a["id"] == anns[5]["id"])
+    assert clipped["bbox"] == [630.0, 10.0, 10.0, 5.0]

@@ -53,3 +53,17 @@ def test_inactive_ranks_write_nothing(tmp_path: Path) -> None:
     run.eval(eval_record(1, 0.1))
     run.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_metrics_jsonl_stays_strict_json_when_values_are_not_finite(tmp_path: Path) -> None:
+    run = RunLog(str(tmp_path), active=True)
+    run.train({"step": 1, "loss": float("inf"), "loss_a": float("nan"), "lr": 0.1})
+    run.eval({"epoch": 1, "step": 1, "AP": float("nan"), "per_class_ap": {"a": float("-inf"), "b": 0.5}})
+    run.close()
+
+    def refuse(token: str) -> float:
+        raise ValueError(f"not JSON: {token}")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["loss"] is None and records[0]["loss_a"] is None and records[0]["lr"] == 0.1
+    assert records[1]["AP"] is None and records[1]["per_class_ap"] == {"a": None, "b": 0.5}

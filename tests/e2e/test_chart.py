@@ -237,6 +237,23 @@ def test_credentials_come_from_a_secret_or_the_service_account() -> None:
         assert not any(e["name"].startswith("AWS_ACCESS") for e in spec["containers"][0]["env"])
 
 
+@pytest.mark.parametrize("name", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])
+def test_extra_env_refuses_plain_aws_credentials_naming_the_key(name: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"s3": {"bucket": "my-bucket"}, "extraEnv": [
+        {"name": "NCCL_DEBUG", "value": "WARN"}, {"name": name, "value": "wJalrXUtnFEMI-secret"}]}))
+    result = helm("template", "train", str(CHART), "-f", str(values))
+    assert result.returncode != 0, f"a plain {name} was rendered into the pod spec"
+    assert f"extraEnv: {name} has a plain value" in result.stderr and "valueFrom" in result.stderr
+    assert "wJalrXUtnFEMI" not in result.stderr + result.stdout  # the error does not echo the key
+    # the same variable from a Secret is fine, and reaches the workers as a secretKeyRef
+    reference = {"secretKeyRef": {"name": "other-keys", "key": name}}
+    values.write_text(yaml.safe_dump({"s3": {"bucket": "my-bucket"}, "extraEnv": [
+        {"name": name, "valueFrom": reference}]}))
+    env = workers(render("train", values))["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": name, "valueFrom": reference} in env and not any("value" in e for e in env if e["name"] == name)
+
+
 def test_convert_runs_as_an_idempotent_hook_or_an_init_container() -> None:
     hook = next(job for job in by_kind(render("train", VALUES / "cpu.yaml"), "Job")
                 if job["metadata"]["name"] == "train-convert")

@@ -12,17 +12,36 @@
 {{- printf "%s-nodes" (include "train.fullname" .) -}}
 {{- end -}}
 
+{{/*
+Every string reaches a manifest through `quote` or `toYaml`, never bare: a value is data, so a newline, `---`,
+`{a: b}` or `key: value` inside it stays inside its string instead of becoming YAML structure (a new key, a new
+document, a privileged container). values.schema.json also gives each name-like value its Kubernetes pattern.
+*/}}
 {{- define "train.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ .Chart.Name | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/managed-by: {{ .Release.Service | quote }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 {{- end -}}
 
 {{- define "train.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ .Chart.Name | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{/*
+Checks the schema cannot express with a clear message. Access keys never go into values: a plain `value` for an
+AWS credential in extraEnv would sit in the Job spec (readable by anyone who can read Jobs) and override the
+Secret, so it fails the install naming the variable; `valueFrom` (a secretKeyRef) is fine.
+*/}}
+{{- define "train.checkValues" -}}
+{{- $credentials := list "AWS_ACCESS_KEY_ID" "AWS_SECRET_ACCESS_KEY" "AWS_SESSION_TOKEN" "AWS_SECURITY_TOKEN" -}}
+{{- range .Values.extraEnv -}}
+{{- if and (has .name $credentials) (hasKey . "value") -}}
+{{- fail (printf "extraEnv: %s has a plain value; access keys never go into values: use valueFrom.secretKeyRef, or name a Secret in s3.existingSecret" .name) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "train.image" -}}
@@ -39,6 +58,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- else -}}
 {{- default "default" .Values.serviceAccount.name -}}
 {{- end -}}
+{{- end -}}
+
+{{/* requests/limits of a container, GPUs added from gpusPerNode; quantities as strings, as kubectl shows them */}}
+{{- define "train.resources" -}}
+{{- $out := dict -}}
+{{- range $kind := list "requests" "limits" -}}
+{{- $items := dict -}}
+{{- range $name, $value := (get ($.resources | default dict) $kind | default dict) -}}
+{{- $_ := set $items $name (toString $value) -}}
+{{- end -}}
+{{- if gt (int $.gpus) 0 -}}
+{{- $_ := set $items "nvidia.com/gpu" (toString $.gpus) -}}
+{{- end -}}
+{{- if $items -}}
+{{- $_ := set $out $kind $items -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $out -}}
 {{- end -}}
 
 {{- define "train.procsPerNode" -}}
@@ -110,15 +147,15 @@ capabilities:
 {{/* `trainer convert`: idempotent (skips when report.json records a successful conversion). */}}
 {{- define "train.convertContainer" -}}
 - name: convert
-  image: {{ include "train.image" . }}
-  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  image: {{ include "train.image" . | quote }}
+  imagePullPolicy: {{ .Values.image.pullPolicy | quote }}
   command: ["trainer"]
   args:
     - convert
-    - --voc-root={{ include "train.s3uri" (dict "root" . "path" .Values.dataset.voc) }}
-    - --out={{ include "train.s3uri" (dict "root" . "path" .Values.dataset.coco) }}
-    - --report={{ include "train.s3uri" (dict "root" . "path" .Values.dataset.coco) }}/report.json
-    - --splits={{ .Values.dataset.trainSplit }},{{ .Values.dataset.valSplit }}
+    - {{ printf "--voc-root=%s" (include "train.s3uri" (dict "root" . "path" .Values.dataset.voc)) | quote }}
+    - {{ printf "--out=%s" (include "train.s3uri" (dict "root" . "path" .Values.dataset.coco)) | quote }}
+    - {{ printf "--report=%s/report.json" (include "train.s3uri" (dict "root" . "path" .Values.dataset.coco)) | quote }}
+    - {{ printf "--splits=%s,%s" .Values.dataset.trainSplit .Values.dataset.valSplit | quote }}
     {{- if not .Values.convert.force }}
     - --skip-if-done
     {{- end }}
@@ -143,11 +180,11 @@ pod with index 0. `workload` decides which names the pods get, hence the rendezv
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
 {{- $procs := include "train.procsPerNode" $root -}}
-serviceAccountName: {{ include "train.serviceAccountName" $root }}
+serviceAccountName: {{ include "train.serviceAccountName" $root | quote }}
 automountServiceAccountToken: false
 {{- if ne $v.workload "PyTorchJob" }}
 restartPolicy: Never
-subdomain: {{ include "train.service" $root }}
+subdomain: {{ include "train.service" $root | quote }}
 {{- end }}
 terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
 enableServiceLinks: false
@@ -158,7 +195,7 @@ imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- with $v.priorityClassName }}
-priorityClassName: {{ . }}
+priorityClassName: {{ . | quote }}
 {{- end }}
 {{- with $v.nodeSelector }}
 nodeSelector:
@@ -179,16 +216,16 @@ initContainers:
 containers:
   {{- /* the Kubeflow training operator finds its container by the name "pytorch" */}}
   - name: {{ ternary "pytorch" "trainer" (eq $v.workload "PyTorchJob") }}
-    image: {{ include "train.image" $root }}
-    imagePullPolicy: {{ $v.image.pullPolicy }}
+    image: {{ include "train.image" $root | quote }}
+    imagePullPolicy: {{ $v.image.pullPolicy | quote }}
     command: ["trainer-launch"]
     args:
-      - --nnodes={{ $v.nodes }}
-      - --nproc-per-node={{ $procs }}
+      - {{ printf "--nnodes=%v" $v.nodes | quote }}
+      - {{ printf "--nproc-per-node=%v" $procs | quote }}
       - --rdzv-backend=c10d
-      - --rdzv-endpoint={{ .rdzvHost }}:{{ $v.rendezvous.port }}
-      - --rdzv-id={{ include "train.fullname" $root }}
-      - --rdzv-conf=join_timeout={{ $v.rendezvous.joinTimeoutSeconds }}
+      - {{ printf "--rdzv-endpoint=%s:%v" .rdzvHost $v.rendezvous.port | quote }}
+      - {{ printf "--rdzv-id=%s" (include "train.fullname" $root) | quote }}
+      - {{ printf "--rdzv-conf=join_timeout=%v" $v.rendezvous.joinTimeoutSeconds | quote }}
       - --local-addr=$(TRAINER_POD_HOST)
       {{- /* any failure ends every pod; the Job re-forms the whole group (trainer/launch.py says why) */}}
       - --max-restarts=0
@@ -202,9 +239,9 @@ containers:
       - name: TRAINER_NODE_INDEX
         valueFrom:
           fieldRef:
-            fieldPath: {{ .indexField }}
+            fieldPath: {{ .indexField | quote }}
       - name: TRAINER_POD_HOST
-        value: {{ .podHost }}
+        value: {{ .podHost | quote }}
       - name: TRAINER_RDZV_RETRY_SECONDS
         value: {{ $v.rendezvous.joinTimeoutSeconds | quote }}
       - name: POD_NAME
@@ -220,20 +257,7 @@ containers:
     ports:
       - {name: rendezvous, containerPort: {{ $v.rendezvous.port }}, protocol: TCP}
     resources:
-      requests:
-        {{- range $name, $value := $v.resources.requests }}
-        {{ $name }}: {{ $value | quote }}
-        {{- end }}
-        {{- if gt (int $v.gpusPerNode) 0 }}
-        nvidia.com/gpu: {{ $v.gpusPerNode | quote }}
-        {{- end }}
-      limits:
-        {{- range $name, $value := $v.resources.limits }}
-        {{ $name }}: {{ $value | quote }}
-        {{- end }}
-        {{- if gt (int $v.gpusPerNode) 0 }}
-        nvidia.com/gpu: {{ $v.gpusPerNode | quote }}
-        {{- end }}
+      {{- include "train.resources" (dict "resources" $v.resources "gpus" $v.gpusPerNode) | nindent 6 }}
     securityContext:
       {{- include "train.containerSecurityContext" $root | nindent 6 }}
     volumeMounts:
@@ -244,9 +268,9 @@ containers:
 volumes:
   - name: config
     configMap:
-      name: {{ include "train.fullname" $root }}-config
+      name: {{ printf "%s-config" (include "train.fullname" $root) | quote }}
   - name: dshm
-    emptyDir: {medium: Memory, sizeLimit: {{ $v.shmSize }}}
+    emptyDir: {medium: Memory, sizeLimit: {{ $v.shmSize | toString | quote }}}
   - name: tmp
     emptyDir: {}
   - name: cache
@@ -262,7 +286,7 @@ labels:
   {{- toYaml . | nindent 2 }}
   {{- end }}
 annotations:
-  checksum/config: {{ include "train.config" . | sha256sum }}
+  checksum/config: {{ include "train.config" . | sha256sum | quote }}
   {{- with .Values.podAnnotations }}
   {{- toYaml . | nindent 2 }}
   {{- end }}

@@ -433,13 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    import yaml
+
     from trainer.kube import connect
     from trainer.watch import watch
 
     if args.interval <= 0 or args.hang_after <= 0:
         print("trainer: error: watch: --interval and --hang-after must be positive", file=sys.stderr)
         return EXIT_USAGE
-    kube = connect(args.context, args.kubeconfig)
+    try:
+        kube = connect(args.context, args.kubeconfig)
+    except yaml.YAMLError as exc:  # the kubernetes client lets a malformed kubeconfig's parser error through
+        where = args.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        problem = (getattr(exc, "problem", None) or str(exc).splitlines()[0])[:200]
+        mark = getattr(exc, "problem_mark", None)
+        raise InputError(f"{where}: not a valid kubeconfig (YAML{f' line {mark.line + 1}' if mark else ''}: "
+                         f"{problem})") from None
     namespace = args.namespace or kube.namespace or "default"
     return watch(kube, namespace, args.release, follow=args.follow, logs_mode=args.logs, as_json=args.json,
                  interval_s=args.interval, hang_after_s=args.hang_after)

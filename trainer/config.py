@@ -353,8 +353,9 @@ def safe_load(text: str, source: str) -> Any:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{source}: {len(text)} characters is too large for a config "
                           f"(at most {MAX_CONFIG_BYTES})")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its reader already refuses unprintable characters
         node = loader.get_single_node()
         if node is None:
             return None
@@ -368,7 +369,8 @@ def safe_load(text: str, source: str) -> Any:
     except RecursionError:
         raise ConfigError(f"{source}: the YAML nests too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def parse_override(text: str) -> tuple[str, Any]:

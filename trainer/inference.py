@@ -14,20 +14,19 @@ import fnmatch
 import json
 import logging
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer import storage
 from trainer.annotations.image_size import pixel_problem
 from trainer.config import DEFAULT_MAX_PIXELS, Config, ModelConfig, SplitConfig, parse_section
 from trainer.data.coco_index import CocoIndex, load_coco_index
 from trainer.data.dataset import CocoDetection
+from trainer.data.decode import DecodeError, decode_rgb
 from trainer.data.loader import build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler
 from trainer.data.transforms import build_transforms
@@ -175,13 +174,10 @@ def decode(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch
     problem = pixel_problem(data, max_pixels)
     if problem is not None:
         raise InputError(f"{uri}: {problem}")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                apply_exif_orientation=True)
-        except (RuntimeError, ValueError) as exc:
-            raise InputError(f"{uri}: cannot decode image ({str(exc).splitlines()[0][:200]})") from exc
+    try:
+        return decode_rgb(data)
+    except DecodeError as exc:
+        raise InputError(f"{uri}: {exc}") from exc
 
 
 @torch.no_grad()

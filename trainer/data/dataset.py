@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 
 from trainer import storage
 from trainer.annotations.image_size import pixel_problem
 from trainer.config import DEFAULT_MAX_PIXELS
 from trainer.data.coco_index import CocoIndex, DataError, ImageRecord
+from trainer.data.decode import DecodeError, decode_rgb
 from trainer.data.tiles import Tile, TileSpec, crop_to_tile, plan_tiles, visible_fraction
 
 log = logging.getLogger(__name__)
@@ -204,10 +204,9 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
         if problem is not None:
             raise DataError(problem)
         try:
-            buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            return decode_image(buffer, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except (RuntimeError, ValueError) as exc:
-            raise DataError(f"cannot decode image ({str(exc).splitlines()[0][:200]})") from exc
+            return decode_rgb(data)
+        except DecodeError as exc:
+            raise DataError(str(exc)) from exc
 
     def _target_for(self, index: int, image: torch.Tensor, uri: str) -> tuple[tv_tensors.Image, dict[str, Any]]:
         record_index, tile = self.items[index]

@@ -33,6 +33,7 @@ class Kube:
     server: str
     context: str | None
     namespace: str | None = None  # the context's default namespace
+    custom: Any = None  # kubernetes.client.CustomObjectsApi (JobSet, PyTorchJob)
 
     def _call(self, what: str, request: Callable[[], T]) -> T:
         from kubernetes.client.exceptions import ApiException
@@ -54,6 +55,27 @@ class Kube:
     def jobs(self, namespace: str, selector: str) -> list[Any]:
         return list(self._call(f"list jobs in namespace {namespace}", lambda: self.batch.list_namespaced_job(
             namespace, label_selector=selector, _request_timeout=TIMEOUT)).items)
+
+    def custom_objects(self, group: str, version: str, plural: str, namespace: str,
+                       selector: str) -> list[dict[str, Any]] | None:
+        """Objects of a custom resource (a JobSet, a PyTorchJob) as the API's JSON; None when this cluster does not
+        serve the kind (its CRD is not installed: 404) or this user may not list it (403), so that a release of
+        another kind is still watched."""
+        from kubernetes.client.exceptions import ApiException
+
+        def request() -> dict[str, Any] | None:
+            try:
+                return self.custom.list_namespaced_custom_object(group, version, namespace, plural,
+                                                                 label_selector=selector, _request_timeout=TIMEOUT)
+            except ApiException as exc:
+                if exc.status in (403, 404):
+                    return None
+                raise
+
+        if self.custom is None:
+            return None
+        found = self._call(f"list {plural} in namespace {namespace}", request)
+        return None if found is None else list(found.get("items") or [])
 
     def events(self, namespace: str, object_name: str) -> list[Any]:
         return list(self._call(f"list events of {object_name}", lambda: self.core.list_namespaced_event(
@@ -145,4 +167,5 @@ def connect(context: str | None = None, kubeconfig: str | None = None) -> Kube:
         raise KubeError(f"kubeconfig {path or '(in-cluster)'}: {first_line(exc)}") from None
     except (ValueError, TypeError, OSError) as exc:  # malformed kubeconfig contents
         raise KubeError(f"kubeconfig {path}: cannot be used: {first_line(exc)}") from None
-    return Kube(client.CoreV1Api(api), client.BatchV1Api(api), api.configuration.host, context, namespace)
+    return Kube(client.CoreV1Api(api), client.BatchV1Api(api), api.configuration.host, context, namespace,
+                client.CustomObjectsApi(api))

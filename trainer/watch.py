@@ -183,19 +183,99 @@ def _pod_view(pod: Any, now: datetime) -> PodView:
                    container=pod.spec.containers[0].name if pod.spec.containers else "")
 
 
-def _job_view(kube: Kube, namespace: str, release: str) -> dict[str, Any] | None:
-    jobs = [j for j in kube.jobs(namespace, f"app.kubernetes.io/instance={release}")
+# the chart's `workload` kinds other than a Job: (group, version, plural) of their custom resources
+JOBSET_API = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+PYTORCHJOB_API = ("kubeflow.org", "v1", "pytorchjobs")
+
+
+def _job_view(kube: Kube, namespace: str, release: str, now: datetime | None = None) -> dict[str, Any] | None:
+    """The release's workload and its own status: its Indexed Job, else its JobSet, else its PyTorchJob. A JobSet
+    or a PyTorchJob restarts the group itself, so its restarts and conditions say more than its pods do."""
+    now = now or datetime.now(UTC)
+    selector = f"app.kubernetes.io/instance={release}"
+    jobs = [j for j in kube.jobs(namespace, selector)
             if (j.metadata.labels or {}).get("app.kubernetes.io/component") != "convert"]
-    if not jobs:
+    if jobs:
+        job = jobs[0]
+        conditions = {c.type: c for c in job.status.conditions or [] if c.status == "True"}
+        finished = "Complete" if "Complete" in conditions else "Failed" if "Failed" in conditions else None
+        return {"kind": "Job", "name": job.metadata.name, "active": job.status.active or 0,
+                "succeeded": job.status.succeeded or 0, "failed": job.status.failed or 0, "finished": finished,
+                "reason": (conditions.get("Failed").reason if finished == "Failed" else None),
+                "suspended": "Suspended" in conditions or bool(job.spec.suspend),
+                "started": job.status.start_time.isoformat() if job.status.start_time else None,
+                "restarts": None, "max_restarts": None, "conditions": [], "unit": "pods"}
+    for api, view in ((JOBSET_API, _jobset_view), (PYTORCHJOB_API, _pytorchjob_view)):
+        found = kube.custom_objects(*api, namespace, selector)  # None: the kind is not served here
+        if found:
+            return view(found[0], now)
+    return None
+
+
+def _parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
         return None
-    job = jobs[0]
-    conditions = {c.type: c for c in job.status.conditions or [] if c.status == "True"}
-    finished = "Complete" if "Complete" in conditions else "Failed" if "Failed" in conditions else None
-    return {"name": job.metadata.name, "active": job.status.active or 0, "succeeded": job.status.succeeded or 0,
-            "failed": job.status.failed or 0, "finished": finished,
-            "reason": (conditions.get("Failed").reason if finished == "Failed" else None),
-            "suspended": "Suspended" in conditions or bool(job.spec.suspend),
-            "started": job.status.start_time.isoformat() if job.status.start_time else None}
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _true_conditions(status: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
+    """The conditions that hold, oldest first: type, reason, message and how long ago they became true."""
+    out = []
+    for condition in status.get("conditions") or []:
+        if str(condition.get("status")) != "True":
+            continue
+        when = _parse_time(condition.get("lastTransitionTime") or condition.get("lastUpdateTime"))
+        out.append({"type": str(condition.get("type", "")), "reason": condition.get("reason") or "",
+                    "message": condition.get("message") or "", "age_s": _age(when, now), "when": when or _NEVER})
+    out.sort(key=lambda c: c.pop("when"))
+    return out
+
+
+def _reason_of(conditions: list[dict[str, Any]], kind: str) -> str | None:
+    return next((c["reason"] or None for c in conditions if c["type"] == kind), None)
+
+
+def _jobset_view(obj: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """jobset.x-k8s.io/v1alpha2: status.restarts (group re-creations), terminalState, conditions and, per
+    replicated job, how many of its Jobs are active, succeeded or failed."""
+    status, spec, meta = obj.get("status") or {}, obj.get("spec") or {}, obj.get("metadata") or {}
+    conditions = _true_conditions(status, now)
+    types = {c["type"] for c in conditions}
+    terminal = status.get("terminalState")
+    finished = ("Complete" if terminal == "Completed" or "Completed" in types else
+                "Failed" if terminal == "Failed" or "Failed" in types else None)
+    replicated = status.get("replicatedJobsStatus") or []
+
+    def total(key: str) -> int:
+        return sum(int(item.get(key) or 0) for item in replicated)
+    return {"kind": "JobSet", "name": meta.get("name", ""), "active": total("active"),
+            "succeeded": total("succeeded"), "failed": total("failed"), "finished": finished,
+            "reason": _reason_of(conditions, "Failed") if finished == "Failed" else None,
+            "suspended": "Suspended" in types or bool(spec.get("suspend")), "started": meta.get("creationTimestamp"),
+            "restarts": int(status.get("restarts") or 0),
+            "max_restarts": (spec.get("failurePolicy") or {}).get("maxRestarts"), "conditions": conditions,
+            "unit": "jobs"}
+
+
+def _pytorchjob_view(obj: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """kubeflow.org/v1: conditions (Created, Running, Restarting, Succeeded, Failed, Suspended) and the Worker
+    replicas' active/succeeded/failed counts; restarts are counted from the pods (see collect)."""
+    status, spec, meta = obj.get("status") or {}, obj.get("spec") or {}, obj.get("metadata") or {}
+    conditions = _true_conditions(status, now)
+    types = {c["type"] for c in conditions}
+    finished = "Complete" if "Succeeded" in types else "Failed" if "Failed" in types else None
+    workers = (status.get("replicaStatuses") or {}).get("Worker") or {}
+    run_policy, elastic = spec.get("runPolicy") or {}, spec.get("elasticPolicy") or {}
+    limit = elastic.get("maxRestarts", run_policy.get("backoffLimit"))
+    return {"kind": "PyTorchJob", "name": meta.get("name", ""), "active": int(workers.get("active") or 0),
+            "succeeded": int(workers.get("succeeded") or 0), "failed": int(workers.get("failed") or 0),
+            "finished": finished, "reason": _reason_of(conditions, "Failed") if finished == "Failed" else None,
+            "suspended": "Suspended" in types or bool(run_policy.get("suspend")),
+            "started": status.get("startTime") or meta.get("creationTimestamp"), "restarts": None,
+            "max_restarts": limit, "conditions": conditions, "unit": "workers"}
 
 
 def read_logs(kube: Kube, namespace: str, pods: Iterable[PodView], tail: int) -> dict[str, list[LogLine]]:
@@ -250,11 +330,11 @@ def collect(kube: Kube, namespace: str, release: str, *, tail: int = 300, hang_a
             now: datetime | None = None, read_s3: bool = True) -> tuple[Summary, dict[str, list[LogLine]]]:
     """Everything `trainer watch` shows, from one round of API calls."""
     pods = kube.pods(namespace, selector(release))
-    job = _job_view(kube, namespace, release)
-    if not pods and job is None:
-        raise KubeError(f"no release {release!r} in namespace {namespace}: no Job and no pods labelled "
-                        f"{selector(release)} (check -n and the release name: helm list -A)")
     now = now or datetime.now(UTC)
+    job = _job_view(kube, namespace, release, now)
+    if not pods and job is None:
+        raise KubeError(f"no release {release!r} in namespace {namespace}: no Job, JobSet or PyTorchJob and no pods "
+                        f"labelled {selector(release)} (check -n and the release name: helm list -A)")
     pods.sort(key=lambda p: (_index(p) if _index(p) is not None else 1 << 30, p.metadata.creation_timestamp))
     views = [_pod_view(p, now) for p in pods]
     newest: dict[int | None, PodView] = {}
@@ -262,6 +342,8 @@ def collect(kube: Kube, namespace: str, release: str, *, tail: int = 300, hang_a
         newest[view.index] = view  # sorted by creation time within an index
     for view in views:
         view.current = newest[view.index] is view
+    if job is not None and job["kind"] == "PyTorchJob":  # its pods restart in place (restartPolicy OnFailure)
+        job["restarts"] = sum(v.restarts for v in views) + sum(1 for v in views if not v.current)
     current_pods = [p for p, v in zip(pods, views, strict=True) if v.current]
     logs = read_logs(kube, namespace, [view for view in views if view.current], tail)
     summary = Summary(release, namespace, job, views)
@@ -294,7 +376,7 @@ def _read_progress(summary: Summary, lines: list[LogLine], now: datetime) -> Non
 
 
 def warnings(summary: Summary, kube: Kube, namespace: str, hang_after_s: float) -> list[str]:
-    found: list[str] = []
+    found: list[str] = _workload_warnings(summary.job)
     current = [v for v in summary.pods if v.current]
     for view in summary.pods:
         if view.last_exit_reason == "OOMKilled":
@@ -337,6 +419,27 @@ def warnings(summary: Summary, kube: Kube, namespace: str, hang_after_s: float) 
     return found
 
 
+def _workload_warnings(job: dict[str, Any] | None) -> list[str]:
+    """What a JobSet's or PyTorchJob's own status says needs a person: restarts used up, restarting, failed."""
+    if job is None or job["kind"] == "Job":
+        return []
+    found = []
+    where = f"{job['kind']} {job['name']}"
+    by_type = {c["type"]: c for c in job["conditions"]}
+    restarts, limit = job["restarts"], job["max_restarts"]
+    if job["finished"] is None and restarts and limit is not None:
+        left = max(0, int(limit) - restarts)
+        found.append(f"{where}: restarted {restarts} of {limit} allowed times" +
+                     (" (none left: the next failure fails the run)" if left == 0 else f" ({left} left)"))
+    if "Restarting" in by_type and job["finished"] is None:
+        condition = by_type["Restarting"]
+        found.append(f"{where}: restarting ({condition['reason'] or 'Restarting'}): {condition['message']}".rstrip(": "))
+    if job["finished"] == "Failed" and "Failed" in by_type:
+        condition = by_type["Failed"]
+        found.append(f"{where} failed ({condition['reason'] or 'Failed'}): {condition['message']}".rstrip(": "))
+    return found
+
+
 def _event_time(event: Any) -> datetime:
     when = event.last_timestamp or event.event_time or event.first_timestamp
     return when if isinstance(when, datetime) else _NEVER
@@ -352,10 +455,19 @@ def render(summary: Summary) -> str:
     if job is None:
         head = "Job: not found (pods only)"
     else:
-        status = job["finished"] or ("Suspended (waiting for admission)" if job["suspended"] else "Running")
-        head = (f"Job {job['name']}: {status}, {job['active']} active, {job['succeeded']} succeeded, "
-                f"{job['failed']} failed pods" + (f" ({job['reason']})" if job["reason"] else ""))
+        restarting = any(c["type"] == "Restarting" for c in job["conditions"])
+        status = job["finished"] or ("Suspended (waiting for admission)" if job["suspended"] else
+                                     "Restarting" if restarting else "Running")
+        restarts = "" if job["restarts"] is None else f", restarts {job['restarts']}" + (
+            "" if job["max_restarts"] is None else f" of {job['max_restarts']}")
+        head = (f"{job['kind']} {job['name']}: {status}{restarts}, {job['active']} active, {job['succeeded']} "
+                f"succeeded, {job['failed']} failed {job['unit']}" + (f" ({job['reason']})" if job["reason"] else ""))
     lines = [f"release {summary.release} (namespace {summary.namespace}) · {head}"]
+    if job is not None and job["conditions"]:
+        lines.append("conditions  " + " · ".join(
+            f"{c['type']}" + (f" ({c['reason']})" if c["reason"] else "") + (f" {_ago(c['age_s'])}")
+            + (f": {c['message']}" if c["message"] and c["type"] in ("Failed", "Restarting", "Suspended") else "")
+            for c in job["conditions"]))
     p = summary.progress
     if p is not None:
         done = ((p.epoch - 1) * p.steps + p.step) / max(1, p.epochs * p.steps)

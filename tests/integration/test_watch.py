@@ -255,3 +255,87 @@ def test_several_kubeconfig_files_merge_like_kubectl(cluster: Scenario, kubeconf
                                                                               "namespace": "ml"}}]}))
     paths = os.pathsep.join([str(tmp_path / "missing"), str(kubeconfig), str(other)])
     assert watch(kubeconfig, "train", "--context", "staging", env={"KUBECONFIG": paths}).returncode == 0
+
+
+# ------------------------------------------------------------------- JobSet and PyTorchJob: their own status
+def jobset_release(status: dict[str, object]) -> Scenario:
+    """The chart with workload: JobSet: pods <release>-node-0-<index>-xxxxx, no batch Job with the release's labels
+    (the JobSet controller labels its child Jobs with its own names)."""
+    return Scenario(job=None, jobset={"spec": {"failurePolicy": {"maxRestarts": 3}}, "status": status},
+                    pods=[FakePod("train-node-0-0-x7k2p", 0, logs=training_logs(0)),
+                          FakePod("train-node-0-1-m9q4z", 1, node="gpu-node-b", logs=training_logs(1))])
+
+
+def pytorchjob_release(status: dict[str, object], restarts: int = 0) -> Scenario:
+    """The chart with workload: PyTorchJob: pods <release>-worker-<index>, container `pytorch`, restarted in place."""
+    index = "training.kubeflow.org/replica-index"
+    return Scenario(job=None, pytorchjob={"spec": {"elasticPolicy": {"maxRestarts": 3},
+                                                   "runPolicy": {"backoffLimit": 6}}, "status": status},
+                    pods=[FakePod("train-worker-0", 0, logs=training_logs(0), index_label=index, container="pytorch",
+                                  restarts=restarts),
+                          FakePod("train-worker-1", 1, node="gpu-node-b", logs=training_logs(1), index_label=index,
+                                  container="pytorch")])
+
+
+def test_a_jobset_shows_its_restarts_and_conditions(kubeconfig: Path) -> None:
+    scenario = jobset_release({
+        "restarts": 2, "replicatedJobsStatus": [{"name": "node", "ready": 1, "active": 1, "succeeded": 0,
+                                                 "failed": 0, "suspended": 0}],
+        "conditions": [{"type": "StartupPolicyCompleted", "reason": "AllReplicatedJobsStarted",
+                        "message": "all replicated jobs have started", "seconds_ago": 300}]})
+    with fake_cluster(scenario, kubeconfig):
+        result = watch(kubeconfig, "train")
+        data = json.loads(watch(kubeconfig, "train", "--json").stdout)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "release train (namespace ml) · JobSet train: Running, restarts 2 of 3, 1 active, 0 succeeded, " \
+           "0 failed jobs" in out
+    assert re.search(r"conditions  StartupPolicyCompleted \(AllReplicatedJobsStarted\) 0:05:0\d ago", out)
+    assert "JobSet train: restarted 2 of 3 allowed times (1 left)" in out
+    assert "epoch 3/24 step 120/500" in out  # the pods' progress as for a Job
+    assert data["job"]["kind"] == "JobSet" and data["job"]["restarts"] == 2 and data["job"]["max_restarts"] == 3
+    assert any("/apis/jobset.x-k8s.io/v1alpha2/namespaces/ml/jobsets" in r for r in scenario.requests)
+
+
+def test_a_failed_jobset_says_why_and_exits_1(kubeconfig: Path) -> None:
+    scenario = jobset_release({
+        "restarts": 3, "terminalState": "Failed",
+        "replicatedJobsStatus": [{"name": "node", "active": 0, "succeeded": 0, "failed": 1}],
+        "conditions": [{"type": "Failed", "reason": "FailedJobs", "seconds_ago": 20,
+                        "message": "jobset failed due to reaching max number of restarts"}]})
+    with fake_cluster(scenario, kubeconfig):
+        result = watch(kubeconfig, "train", "--follow", "--interval", "0.2")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "JobSet train: Failed, restarts 3 of 3, 0 active, 0 succeeded, 1 failed jobs (FailedJobs)" in result.stdout
+    assert "JobSet train failed (FailedJobs): jobset failed due to reaching max number of restarts" in result.stdout
+
+
+def test_a_pytorchjob_shows_its_conditions_and_restarts(kubeconfig: Path) -> None:
+    message = "PyTorchJob train is restarting because 1 Worker replica(s) failed."
+    scenario = pytorchjob_release({
+        "replicaStatuses": {"Worker": {"active": 2, "failed": 0}},
+        "conditions": [{"type": "Created", "reason": "PyTorchJobCreated", "seconds_ago": 7000},
+                       {"type": "Restarting", "reason": "PyTorchJobRestarting", "message": message,
+                        "seconds_ago": 30}]}, restarts=1)
+    with fake_cluster(scenario, kubeconfig):
+        result = watch(kubeconfig, "train")
+    out = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert "PyTorchJob train: Restarting, restarts 1 of 3, 2 active, 0 succeeded, 0 failed workers" in out
+    assert re.search(r"conditions  Created \(PyTorchJobCreated\) 1:56:4\d ago · Restarting \(PyTorchJobRestarting\) "
+                     rf"0:00:3\d ago: {re.escape(message)}", out)
+    assert f"PyTorchJob train: restarting (PyTorchJobRestarting): {message}" in out
+    rows = [row.split() for row in out.splitlines() if row.startswith("train-worker-")]
+    assert [row[:5] for row in rows] == [["train-worker-0", "0", "Running", "gpu-node-a", "1"],
+                                         ["train-worker-1", "1", "Running", "gpu-node-b", "0"]]
+    assert "epoch 3/24 step 120/500" in out  # read from the `pytorch` container
+
+
+def test_following_a_pytorchjob_ends_when_it_succeeds(kubeconfig: Path) -> None:
+    scenario = pytorchjob_release({"replicaStatuses": {"Worker": {"succeeded": 2}},
+                                   "conditions": [{"type": "Succeeded", "reason": "PyTorchJobSucceeded",
+                                                   "message": "PyTorchJob train successfully completed."}]})
+    with fake_cluster(scenario, kubeconfig):
+        result = watch(kubeconfig, "train", "--follow", "--interval", "0.2", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "PyTorchJob train: Complete, restarts 0 of 3, 0 active, 2 succeeded, 0 failed workers" in result.stdout

@@ -1,8 +1,8 @@
 """A small stand-in for the Kubernetes API on 127.0.0.1: the calls `trainer watch` makes, with bodies shaped like
 the API's documented JSON (PodList, JobList, EventList, ConfigMap, pod logs as text, followed logs streamed).
 
-A scenario describes pods (phase, container state, restarts, log lines as seconds-ago + text), the Job and the
-events; times are rendered relative to the moment of each request (log lines: to when the scenario was made),
+A scenario describes pods (phase, container state, restarts, log lines as seconds-ago + text), the Job, or a
+JobSet (jobset.x-k8s.io/v1alpha2) or PyTorchJob (kubeflow.org/v1) served as custom objects, and the events; times are rendered relative to the moment of each request (log lines: to when the scenario was made),
 so the tests do not depend on the clock.
 The kubernetes client deserialises every body into its typed models, which checks their shape.
 """
@@ -46,13 +46,15 @@ class FakePod:
     logs: list[tuple[float, str]] = field(default_factory=list)  # (seconds ago, line)
     live: list[str] = field(default_factory=list)  # lines a followed log sends, one every 0.05 s
     unschedulable: str | None = None  # the PodScheduled=False message
+    index_label: str = INDEX_LABEL  # a PyTorchJob's pods: training.kubeflow.org/replica-index
+    container: str = "trainer"  # a PyTorchJob's container: pytorch
 
     def to_json(self, release: str, namespace: str, now: datetime) -> dict[str, Any]:
         state = self.state if self.state is not None else (
             {"running": {"startedAt": stamp(now, self.age_s)}} if self.phase == "Running" else
             {"waiting": {"reason": "ContainerCreating"}})
         statuses = [] if self.unschedulable else [{
-            "name": "trainer", "state": state, "lastState": self.last_state or {}, "ready": self.phase == "Running",
+            "name": self.container, "state": state, "lastState": self.last_state or {}, "ready": self.phase == "Running",
             "restartCount": self.restarts, "image": "registry.example.com/ml/trainer:0.1.0",
             "imageID": "", "containerID": "containerd://abc" if self.phase != "Pending" else None,
             "started": self.phase == "Running"}]
@@ -64,9 +66,9 @@ class FakePod:
             "metadata": {"name": self.name, "namespace": namespace, "uid": f"uid-{self.name}", "resourceVersion": "7",
                          "creationTimestamp": stamp(now, self.age_s),
                          "labels": {"app.kubernetes.io/instance": release, "app.kubernetes.io/name": "train",
-                                    "app.kubernetes.io/component": "worker", INDEX_LABEL: str(self.index),
+                                    "app.kubernetes.io/component": "worker", self.index_label: str(self.index),
                                     "job-name": release}},
-            "spec": {"containers": [{"name": "trainer", "image": "registry.example.com/ml/trainer:0.1.0"}],
+            "spec": {"containers": [{"name": self.container, "image": "registry.example.com/ml/trainer:0.1.0"}],
                      "nodeName": None if self.unschedulable else self.node, "restartPolicy": "Never",
                      "volumes": [{"name": "config", "configMap": {"name": f"{release}-config"}}]},
             "status": {"phase": self.phase, "conditions": conditions, "containerStatuses": statuses,
@@ -82,6 +84,10 @@ class Scenario:
     pods: list[FakePod] = field(default_factory=list)
     job: dict[str, Any] | None = field(default_factory=lambda: {"active": 2})  # status fields; None: no Job
     events: list[dict[str, Any]] = field(default_factory=list)  # {"pod", "reason", "message", "seconds_ago"}
+    # a JobSet or PyTorchJob release (set job=None): {"spec": {...}, "status": {...}}, condition times given as
+    # "seconds_ago"; None: the cluster does not serve the kind (404, as without its CRD)
+    jobset: dict[str, Any] | None = None
+    pytorchjob: dict[str, Any] | None = None
     config_yaml: str = "run: {name: train, dir: s3://bucket/runs}\n"
     # called before each request: lets a test change the scenario as "time" passes (pods recreated, Job ends)
     on_request: Callable[[Scenario, str], None] | None = None
@@ -126,6 +132,14 @@ class _Handler(BaseHTTPRequestHandler):
             items = [i for i in items if _matches(i["metadata"]["labels"], query.get("labelSelector", ""))]
             return self._json(200, {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {"resourceVersion": "7"},
                                     "items": items})
+        for group, version, plural, kind, obj in (("jobset.x-k8s.io", "v1alpha2", "jobsets", "JobSet", scenario.jobset),
+                                                  ("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob",
+                                                   scenario.pytorchjob)):
+            if parts[:3] == ["apis", group, version] and parts[3:] == ["namespaces", ns, plural] and obj is not None:
+                items = [_custom(scenario, kind, f"{group}/{version}", obj, now)]
+                items = [i for i in items if _matches(i["metadata"]["labels"], query.get("labelSelector", ""))]
+                return self._json(200, {"kind": f"{kind}List", "apiVersion": f"{group}/{version}",
+                                        "metadata": {"resourceVersion": "7"}, "items": items})
         if parts[:4] == ["api", "v1", "namespaces", ns] and parts[4:] == ["events"]:
             wanted = query.get("fieldSelector", "").removeprefix("involvedObject.name=")
             items = [_event(e, ns, now) for e in scenario.events if e["pod"] == wanted]
@@ -207,6 +221,20 @@ def _job(scenario: Scenario, now: datetime) -> dict[str, Any]:
             {"type": c["type"], "status": "True", "reason": c.get("reason"), "message": c.get("message"),
              "lastProbeTime": stamp(now, 1), "lastTransitionTime": stamp(now, 1)} for c in conditions], **status},
     }
+
+
+def _custom(scenario: Scenario, kind: str, api_version: str, obj: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A JobSet or PyTorchJob as the API returns it; each condition's seconds_ago becomes its transition time."""
+    status = dict(obj.get("status") or {})
+    status["conditions"] = [
+        {"status": "True", "lastTransitionTime": stamp(now, c.get("seconds_ago", 60)),
+         "lastUpdateTime": stamp(now, c.get("seconds_ago", 60)), **{k: v for k, v in c.items() if k != "seconds_ago"}}
+        for c in status.get("conditions", [])]
+    return {"kind": kind, "apiVersion": api_version,
+            "metadata": {"name": scenario.release, "namespace": scenario.namespace, "uid": f"{kind.lower()}-uid",
+                         "creationTimestamp": stamp(now, 7200),
+                         "labels": {"app.kubernetes.io/instance": scenario.release, "app.kubernetes.io/name": "train"}},
+            "spec": obj.get("spec") or {}, "status": status}
 
 
 def _event(event: dict[str, Any], namespace: str, now: datetime) -> dict[str, Any]:

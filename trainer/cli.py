@@ -232,6 +232,7 @@ def _checkpoints_root(uri: str) -> str:
 
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_latest
+    from trainer.resume import check_resumable
 
     root = _checkpoints_root(args.uri)
     found = list_checkpoints(root)
@@ -242,26 +243,26 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     best = max(scored)[1] if scored else None
     rows = []
     for item in found:
-        verified: bool | None = None
+        verified: bool | None = False if item.problem else None
         if args.verify and item.committed:
-            try:
-                load_checkpoint(item.uri, names=())
+            try:  # every payload loaded and checked the way a resume does
+                check_resumable(load_checkpoint(item.uri))
                 verified = True
             except CheckpointError as exc:
-                log.error("%s", exc)
+                log.error("CORRUPT: %s", exc)
                 verified = False
         flags = [name for name, on in (("latest", item.uri == latest), ("best", item.step == best)) if on]
         rows.append({"step": item.step, "epoch": item.epoch + 1 if item.epoch is not None else None, "size": item.size, "metric": item.metric,
                      "created": item.created, "committed": item.committed, "verified": verified, "flags": flags,
-                     "uri": item.uri})
+                     "uri": item.uri, "problem": item.problem})
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return EXIT_OK
     print(f"{'step':>9} {'epoch':>5} {'size':>9} {'metric':>7} {'created':25} {'state':10} uri")
     for row in rows:
-        state = ("verified" if row["verified"] else "CORRUPT" if row["verified"] is False else "committed") \
-            if row["committed"] else "partial"
+        state = "CORRUPT" if row["verified"] is False else "verified" if row["verified"] else \
+            "committed" if row["committed"] else "partial"
         metric = f"{row['metric']:.4f}" if row["metric"] is not None else "-"
         print(f"{row['step']:>9} {row['epoch'] if row['epoch'] is not None else '-':>5} {_human(row['size']):>9} "
               f"{metric:>7} {row['created'] or '-':25} {state:10} {row['uri']}"
@@ -271,22 +272,10 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
 
 def cmd_ckpt_export(args: argparse.Namespace) -> int:
     from trainer.checkpoint import resolve
-    from trainer.config import ModelConfig, parse_section
-    from trainer.inference import weights_payload, write_weights
+    from trainer.inference import checkpoint_weights, write_weights
 
-    checkpoint = resolve(args.uri)
-    model_state = checkpoint.objects["model"]
-    weights = model_state.get("ema") if args.ema else model_state["model"]
-    if args.ema and not weights:
-        raise InputError(f"{checkpoint.uri}: this run kept no EMA weights (train.ema was off)")
-    if args.ema:
-        weights = weights["module"]
-    classes = checkpoint.state.get("classes") or {}
-    config = checkpoint.state.get("config") or {}
-    if not classes.get("category_ids") or "model" not in config:
-        raise InputError(f"{checkpoint.uri}: the checkpoint does not name its model and classes")
-    model_config = parse_section(ModelConfig, dict(config["model"]), "model", checkpoint.uri)
-    write_weights(args.out, weights_payload(weights, model_config, classes["category_ids"], classes["category_names"]))
+    checkpoint = resolve(args.uri, check=checkpoint_weights, names=("model",))
+    write_weights(args.out, checkpoint_weights(checkpoint, ema=args.ema))
     log.info("exported %s weights of step %d (%s) to %s", "EMA" if args.ema else "model", checkpoint.step,
              checkpoint.uri, args.out)
     return EXIT_OK
@@ -402,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_ls = ckpt_sub.add_parser("ls", parents=[common], help="a run's checkpoints: steps, sizes, metrics, "
                                                               "which is latest and best")
     ckpt_ls.add_argument("uri", help="a run folder (runs/<name>) or its checkpoints/ folder, local or s3://")
-    ckpt_ls.add_argument("--verify", action="store_true", help="read every object and check its sha256")
+    ckpt_ls.add_argument("--verify", action="store_true",
+                         help="read every object, check its sha256 and load it the way a resume does")
     ckpt_ls.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
     ckpt_ls.set_defaults(func=cmd_ckpt_ls)
     ckpt_export = ckpt_sub.add_parser("export", parents=[common],

@@ -3,7 +3,8 @@ predicting on arbitrary images.
 
 A weights file (``model_final.pt``, ``model_best.pt``, ``trainer ckpt export``) holds the state dict *and* what
 is needed to use it alone: the model section of the config and the class names and COCO category ids. So
-``trainer predict --weights URI`` needs nothing else; a plain state dict (e.g. from torchvision) needs a config
+``trainer predict --weights URI`` needs nothing else (URI may also be a run or checkpoint folder: the weights of
+its newest good checkpoint); a plain state dict (e.g. from torchvision) needs a config
 that names the model and a COCO JSON that names the classes.
 """
 
@@ -14,7 +15,7 @@ import fnmatch
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from torch import nn
 
 from trainer import storage
 from trainer.annotations.image_size import pixel_problem
+from trainer.checkpoint import CheckpointError, LoadedCheckpoint, resolve
 from trainer.config import DEFAULT_MAX_PIXELS, Config, ModelConfig, SplitConfig, parse_section
 from trainer.data.coco_index import CocoIndex, load_coco_index
 from trainer.data.dataset import CocoDetection
@@ -78,6 +80,43 @@ def write_weights(uri: str, payload: dict[str, Any]) -> None:
         torch.save(payload, stream)
 
 
+def checkpoint_weights(checkpoint: LoadedCheckpoint, ema: bool = False) -> dict[str, Any]:
+    """The weights-file payload of a training checkpoint: its model (or EMA) weights, model config and classes.
+
+    A CheckpointError when the checkpoint lacks them, so a caller that looks for the newest good checkpoint
+    (``resolve(..., check=...)``) falls back past a damaged one.
+    """
+    model_state = checkpoint.objects.get("model")
+    classes, config = checkpoint.state.get("classes"), checkpoint.state.get("config")
+    if not isinstance(model_state, dict) or not isinstance(model_state.get("model"), dict):
+        raise CheckpointError(f"{checkpoint.uri}: model.pt holds no model state")
+    if not isinstance(classes, dict) or not classes.get("category_ids") or not isinstance(config, dict) \
+            or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{checkpoint.uri}: the checkpoint does not name its model and classes")
+    weights = model_state["model"]
+    if ema:
+        if not isinstance(model_state.get("ema"), dict) or not isinstance(model_state["ema"].get("module"), dict):
+            raise InputError(f"{checkpoint.uri}: this run kept no EMA weights (train.ema was off)")
+        weights = model_state["ema"]["module"]
+    try:
+        model_config = parse_section(ModelConfig, dict(config["model"]), "model", checkpoint.uri)
+        return weights_payload(weights, model_config, classes["category_ids"], classes["category_names"])
+    except (InputError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{checkpoint.uri}: its model description is damaged ({exc})") from exc
+
+
+def read_weights_or_checkpoint(uri: str) -> tuple[Any, str]:
+    """A weights file, or the weights of the newest good checkpoint of a run, checkpoints or step-<N> folder."""
+    try:
+        folder = ("://" not in uri or storage.is_s3(uri)) and storage.is_dir(uri)
+    except storage.StorageError:
+        folder = False
+    if not folder:
+        return read_checkpoint(uri)
+    checkpoint = resolve(uri, check=checkpoint_weights, names=("model",))
+    return checkpoint_weights(checkpoint), checkpoint.uri
+
+
 @dataclass
 class Detector:
     """A model ready for inference and the names of its labels (label k is ``category_names[k - 1]``)."""
@@ -95,7 +134,7 @@ def load_detector(weights: str, model_config: ModelConfig | None = None, index: 
     Unlike fine-tuning (``model.weights``), nothing may be missing or of another shape: evaluating a model with
     a re-initialised head would report a meaningless mAP.
     """
-    obj, source = read_checkpoint(weights)
+    obj, source = read_weights_or_checkpoint(weights)
     described = isinstance(obj, Mapping) and obj.get("format") == WEIGHTS_FORMAT
     if described:
         try:
@@ -127,8 +166,14 @@ def load_detector(weights: str, model_config: ModelConfig | None = None, index: 
 
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: DistEnv,
-                   autocast_dtype: torch.dtype | None = None) -> EvalResult | None:
-    """COCO mAP of ``model`` on ``split``: every rank predicts its share, rank 0 runs pycocotools."""
+                   autocast_dtype: torch.dtype | None = None, should_stop: Callable[[], bool] | None = None,
+                   before_gather: Callable[[], None] | None = None) -> EvalResult | None:
+    """COCO mAP of ``model`` on ``split``: every rank predicts its share, rank 0 runs pycocotools.
+
+    ``should_stop`` is called by every rank after each batch (the ranks hold equal batch counts, so it may run a
+    collective): True abandons the evaluation with ``EvaluationStopped``. ``before_gather`` runs once the
+    predictions are done, before rank 0's COCOeval (the other ranks wait there).
+    """
     index = load_coco_index(split.coco, keep_document=env.is_main)  # the repaired ground truth, for rank 0
     dataset = CocoDetection(index, split.images, build_transforms("none", train=False, mean=config.data.mean,
                                                                   std=config.data.std),
@@ -139,8 +184,16 @@ def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: Di
     evaluator = DistributedEvaluator(index.category_ids)
     for outputs, targets in predict_batches(model, loader, env.device, autocast_dtype):
         evaluator.update(outputs, targets)
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped(f"the evaluation on {split.coco} was stopped")
+    if before_gather is not None:
+        before_gather()
     gt = load_ground_truth(index.document) if env.is_main else None  # type: ignore[arg-type]
     return evaluator.finish(env, gt)  # type: ignore[arg-type]
+
+
+class EvaluationStopped(Exception):
+    """Every rank agreed to stop in the middle of an evaluation (a stop signal): it runs again after a resume."""
 
 
 # ------------------------------------------------------------------------------------------ prediction

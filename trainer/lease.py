@@ -7,8 +7,8 @@ exclusive create and a lock file), so exactly one job can hold it:
 
 - a job takes the lease before writing anything; a lease held by another live job refuses the run (exit 2, one
   line naming the run, the holder and the lease's age);
-- the same job's restarted pods take their own lease back (the holder is the Job's identity, ``TRAINER_JOB_ID``
-  from the chart, else torchrun's run id, else this process);
+- the same job's restarted pods take their own lease back (the holder is the job's identity: see
+  ``job_identity``);
 - a lease not renewed for its TTL is stale, and so is one whose holder process on this host is gone: either may
   be taken over, with a warning; a released lease (a job that stopped cleanly) is free;
 - a thread renews it every TTL/4; every ``latest.json`` commit, retention delete and weights file is fenced by a
@@ -50,13 +50,16 @@ class LeaseLost(InputError):
 def job_identity() -> str:
     """Who holds the lease: the same for every pod and restart of one job, different for another job.
 
-    ``TRAINER_JOB_ID`` (the chart sets it from the Job's uid), else torchrun's run id (one ``torchrun``
-    invocation and its worker restarts), else a fresh id for this process (a plain ``python -m trainer.train``).
+    ``TRAINER_JOB_ID`` if set, else torchrun's run id (the chart passes ``--rdzv-id=<release>``, the same for
+    every pod and restart of one release; a plain ``torchrun`` has one per invocation), else a fresh id for this
+    process (``python -m trainer.train``). Inside a pod the namespace (``POD_NAMESPACE``) is part of it.
     """
+    namespace = os.environ.get("POD_NAMESPACE", "").strip()
     for name in ("TRAINER_JOB_ID", "TORCHELASTIC_RUN_ID"):
         value = os.environ.get(name, "").strip()
         if value and value.lower() != "none":
-            return f"{name.removeprefix('TRAINER_').removeprefix('TORCHELASTIC_').lower()}:{value[:128]}"
+            kind = name.removeprefix("TRAINER_").removeprefix("TORCHELASTIC_").lower()
+            return f"{kind}:{namespace + '/' if namespace else ''}{value[:128]}"
     return f"process:{uuid.uuid4().hex[:12]}"
 
 

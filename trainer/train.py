@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import sys
@@ -33,17 +34,19 @@ from trainer.data.tiles import TileSpec
 from trainer.data.transforms import build_transforms
 from trainer.checkpoint import (CheckpointError, CheckpointWriter, LoadedCheckpoint, checkpoints_uri,
                                 find_resumable, load_checkpoint, resolve)
+from trainer.lease import LeaseLost, RunLease, RunLeaseHeld
 from trainer.distributed import DistEnv, broadcast_object, init_distributed, shutdown
 from trainer.engine import ModelEma, NonFiniteLossError, TrainState, train_step
-from trainer.errors import InputError
+from trainer.errors import InputError, first_line
 from trainer.exit_codes import EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
-from trainer.inference import evaluate_split, save_weights
+from trainer.inference import EvaluationStopped, evaluate_split, save_weights
 from trainer.logs import setup_logging
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import SampleSchedule, build_optimizer, lr_scale
 from trainer.progress import ProgressLine, format_eval, format_progress
-from trainer.resume import ResumePoint, Trainables, check_config, restore, take_snapshot
+from trainer.resume import ResumePoint, Trainables, check_config, check_resumable, restore, take_snapshot
 from trainer.run_log import RunLog
 from trainer.stop_signal import StopSignal
+from trainer.watchdog import ProgressWatchdog
 
 log = logging.getLogger("trainer.train")
 
@@ -90,27 +93,30 @@ def build_train_data(config: Config, env: DistEnv) -> tuple[CocoDetection, Resum
 class Checkpointing:
     """When to save (every N steps, every M minutes, end of epoch, end of run, on a stop signal) and the saving.
 
-    Decisions that depend on one rank (its clock, a signal it received) are agreed with one small all-reduce
-    per step, so every rank snapshots at the same step and no rank runs ahead of the saved state.
+    Decisions that depend on one rank (its clock, a signal it received, rank 0's lease) are agreed with one
+    small all-reduce per step, so every rank snapshots at the same step and no rank runs ahead of the saved state.
     """
 
     def __init__(self, config: Config, env: DistEnv, trainables: Trainables, stop: StopSignal,
-                 index: CocoIndex) -> None:
-        self.config, self.env, self.t, self.stop = config, env, trainables, stop
+                 index: CocoIndex, lease: RunLease | None) -> None:
+        self.config, self.env, self.t, self.stop, self.lease = config, env, trainables, stop, lease
         self.classes = {"category_ids": list(index.category_ids), "category_names": list(index.category_names)}
-        self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last) if env.is_main else None
+        self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last,
+                                       fence=lease.fence if lease else None) if env.is_main else None
         self.last_save = time.monotonic()
         self.stall_seconds = 0.0
         self.warned_grace = False
 
     def agreed_flags(self) -> tuple[bool, bool]:
-        """(time for a timed checkpoint, stop requested) as every rank sees them."""
+        """(time for a timed checkpoint, stop requested) as every rank sees them; a lost lease stops every rank."""
         minutes = self.config.checkpoint.every_minutes
         timed = bool(minutes) and self.env.is_main and time.monotonic() - self.last_save >= minutes * 60
-        flags = torch.tensor([float(timed), float(self.stop.requested)], device=self.env.device)  # NCCL: on GPU
-        if self.env.distributed:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
+        lost = self.lease is not None and self.lease.lost is not None
+        timed, stop, lost = agree(self.env, timed, self.stop.requested, lost)
+        if lost:
+            raise LeaseLost(self.lease.lost if self.lease is not None and self.lease.lost else
+                            f"{self.config.run_uri}: rank 0 lost the run lease; stopping without writing more")
+        return timed, stop
 
     def due(self, step: int) -> tuple[bool, bool]:
         timed, stop = self.agreed_flags()
@@ -118,11 +124,11 @@ class Checkpointing:
         return (bool(every) and step % every == 0) or timed or stop, stop
 
     def save(self, *, epoch: int, epoch_done: bool, consumed_batches: int, best: float | None,
-             metric: float | None, wait: bool = False) -> None:
+             metric: float | None, wait: bool = False, eval_pending: bool = False) -> None:
         started = time.perf_counter()
         snapshot = take_snapshot(self.t, self.env, self.config, epoch=epoch, epoch_done=epoch_done,
                                  consumed_batches=consumed_batches, best=best, metric=metric,
-                                 classes=self.classes)
+                                 classes=self.classes, eval_pending=eval_pending)
         if self.writer is not None and snapshot is not None:
             self.writer.submit(snapshot)
             if wait:
@@ -135,21 +141,44 @@ class Checkpointing:
                      f"saved in {stalled:.2f} s" if wait else
                      f"training paused {stalled:.2f} s for the snapshot; uploading in the background")
 
-    def check_grace(self, step_seconds: float) -> None:
-        """Warn once when finishing a step plus a blocking save would not fit the grace period."""
+    def check_grace(self, seconds: float, what: str) -> None:
+        """Warn once when finishing ``what`` (a step, an evaluation batch) plus a blocking save would not fit the
+        grace period: a stop is honoured only between two of them."""
         committed = self.writer.last_committed if self.writer is not None else None
         if committed is None or self.warned_grace:
             return
-        needed = step_seconds + committed.seconds
+        needed = seconds + committed.seconds
         if needed > 0.8 * self.config.checkpoint.grace_seconds:
             self.warned_grace = True
-            log.warning("a stop checkpoint needs about %.0f s (one step %.1f s + save %.1f s), close to or over "
+            log.warning("a stop checkpoint needs about %.0f s (%s %.1f s + save %.1f s), close to or over "
                         "checkpoint.grace_seconds=%g: raise the pod's terminationGracePeriodSeconds (and this key)",
-                        needed, step_seconds, committed.seconds, self.config.checkpoint.grace_seconds)
+                        needed, what, seconds, committed.seconds, self.config.checkpoint.grace_seconds)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def agree(env: DistEnv, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over every rank (one tiny all-reduce, on the rank's device for NCCL)."""
+    values = torch.tensor([float(flag) for flag in flags], device=env.device)
+    if env.distributed:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
+def take_run_lease(config: Config, env: DistEnv) -> RunLease:
+    """Rank 0 takes the run's lease before anything is written; every rank learns whether it may go on."""
+    lease, refused = None, None
+    if env.is_main:
+        try:
+            lease = RunLease(config.run_uri, config.checkpoint.lease_ttl_seconds).acquire().start_renewing()
+        except RunLeaseHeld as exc:
+            refused = str(exc)
+    refused = broadcast_object(env, refused)
+    if refused is not None:
+        raise RunLeaseHeld(refused)
+    return lease  # type: ignore[return-value]  # None on ranks other than 0: they write nothing shared
 
 
 def start_resume_lookup(config: Config) -> Future[LoadedCheckpoint | None] | None:
@@ -159,8 +188,8 @@ def start_resume_lookup(config: Config) -> Future[LoadedCheckpoint | None] | Non
     if setting == "never":
         return None
     pool = ThreadPoolExecutor(1, thread_name_prefix="resume-lookup")
-    future = pool.submit(lambda: resolve(setting) if setting != "auto"
-                         else find_resumable(checkpoints_uri(config.run_uri)))
+    future = pool.submit(lambda: resolve(setting, check=check_resumable) if setting != "auto"
+                         else find_resumable(checkpoints_uri(config.run_uri), check=check_resumable))
     pool.shutdown(wait=False)
     return future
 
@@ -190,7 +219,51 @@ def resume_point(lookup: Future[LoadedCheckpoint | None] | None, config: Config,
         raise CheckpointError(f"{checkpoint.uri}: cannot restore this run from it ({first})") from exc
 
 
-def train(config: Config, env: DistEnv, force: bool = False) -> int:
+class SampleClock:
+    """The run's samples consumed (epochs done x data set size + the position in this epoch): what the LR
+    schedule, the progress line and the ETA follow, so they do not bend when the world size changes."""
+
+    def __init__(self, epoch_samples: int, epochs: int, samples_per_step: int) -> None:
+        self.epoch_samples, self.total = epoch_samples, epoch_samples * epochs
+        self.samples_per_step = samples_per_step  # global batch x accumulate: one optimizer step
+        self.position = 0  # samples into the current epoch
+        self.samples = 0
+
+    def set(self, epoch: int, position: int) -> None:
+        self.position = position
+        self.samples = epoch * self.epoch_samples + position
+
+    @property
+    def done(self) -> float:
+        return self.samples / max(1, self.total)
+
+    def step_in_epoch(self) -> tuple[int, int]:
+        """(optimizer steps into this epoch, steps per epoch) at this world size, from the data position."""
+        return (math.ceil(self.position / self.samples_per_step),
+                math.ceil(self.epoch_samples / self.samples_per_step))
+
+
+def stopped_during_startup(stop: StopSignal, what: str) -> bool:
+    """A stop before the first step: nothing new to save (the latest checkpoint, if any, is where we are)."""
+    if stop.requested:
+        log.warning("stopped by %s during start-up (%s): nothing new to save; exiting with code %d (preempted)",
+                    stop.received, what, EXIT_PREEMPTED)
+    return stop.requested
+
+
+def train(config: Config, env: DistEnv, force: bool = False, stop: StopSignal | None = None) -> int:
+    """Take the run's lease, train, and give the lease back however the run ends (a lost one is not touched)."""
+    stop = stop or StopSignal().install()
+    lease = take_run_lease(config, env)
+    try:
+        return _train(config, env, force, stop, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+        stop.uninstall()
+
+
+def _train(config: Config, env: DistEnv, force: bool, stop: StopSignal, lease: RunLease | None) -> int:
     from trainer.models import build_model
 
     seed_everything(config.train.seed, env.rank)
@@ -201,13 +274,17 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     dataset, sampler = build_train_data(config, env)
     if config.data.val.coco:  # a broken val file is refused now (exit 2), not after the first epoch
         load_coco_index(config.data.val.coco)
+    if stopped_during_startup(stop, "reading the data index"):
+        return EXIT_PREEMPTED
     loader = build_loader(dataset, sampler, workers=config.data.workers)
     model: torch.nn.Module = build_model(config.model, dataset.index.num_classes).to(env.device)
     if config.train.sync_bn and env.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, config.optim)
-    steps_per_epoch = max(1, len(sampler) // config.train.accumulate)
-    scheduler = build_scheduler(optimizer, steps_per_epoch, config.schedule)
+    samples_per_step = sampler.global_batch_size * config.train.accumulate
+    clock = SampleClock(sampler.num_samples, config.schedule.epochs, samples_per_step)
+    optimizer = build_optimizer(model, config.optim, lr_scale(config.optim, samples_per_step))
+    scheduler = SampleSchedule(optimizer, config.schedule, sampler.num_samples, samples_per_step,
+                               clock=lambda: clock.samples)
     cuda = env.device.type == "cuda"
     autocast_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) \
         if (cuda and config.train.amp) else None
@@ -215,11 +292,18 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     ema = ModelEma(model, config.train.ema_decay) if config.train.ema else None
     state = TrainState()
     trainables = Trainables(model, optimizer, scheduler, state, sampler, ema, scaler)
+    if stopped_during_startup(stop, "building the model"):
+        return EXIT_PREEMPTED
     resumed = resume_point(lookup, config, env, trainables, force)
+    if stopped_during_startup(stop, "resuming"):
+        return EXIT_PREEMPTED
     if env.is_main:  # only now: a refused resume must not overwrite the run's record of its config
+        if lease is not None:
+            lease.fence()
         storage.write_text(storage.join(run_uri, "config.yaml"), config.to_yaml())
         log.info("run outputs under %s", run_uri)
     start_epoch, best = (resumed.epoch, resumed.best) if resumed else (0, None)
+    pending_eval = resumed.pending_eval if resumed else False
     if start_epoch >= config.schedule.epochs:
         log.info("the checkpoint is from the end of training (%d epochs): nothing left to train",
                  config.schedule.epochs)
@@ -227,12 +311,12 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
     run_log = RunLog(run_uri, active=env.is_main, tensorboard=config.log.tensorboard)
     if resumed:
         run_log.forget_after(resumed.step)  # steps after the checkpoint are about to be redone
-    stop = StopSignal().install()
-    checkpointing = Checkpointing(config, env, trainables, stop, dataset.index)
+    checkpointing = Checkpointing(config, env, trainables, stop, dataset.index, lease)
+    watchdog = ProgressWatchdog(config.train.hang_timeout_seconds, env.rank)
     trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None
     stats = LoaderStats()
-    total_steps = steps_per_epoch * config.schedule.epochs
-    first_step = state.step
+    clock.set(start_epoch + pending_eval, sampler.state_dict()["position"] if resumed and not pending_eval else 0)
+    done_at_start = clock.done
     started = time.perf_counter()
     for epoch in range(start_epoch, config.schedule.epochs):
         sampler.set_epoch(epoch)  # keeps a restored position in the resumed epoch
@@ -241,15 +325,20 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
         fetch_start = time.perf_counter()
         batches_this_pass = 0
         save_at_epoch_end = False
-        for batch_index, (images, targets, metas) in enumerate(loader):
+        batches = [] if pending_eval else loader  # resumed from a stop during this epoch's evaluation
+        pending_eval = False
+        watchdog.beat()
+        for batch_index, (images, targets, metas) in enumerate(batches):
             wait += time.perf_counter() - fetch_start
             stats.update(metas)
             if trace is not None:
                 trace.write(epoch, state.step, targets)
+            clock.set(epoch, sampler.position_after(batch_index + 1))  # what the schedule steps to
             outcome = train_step(ddp, optimizer, scheduler, images, targets, env.device, state,
                                  accumulate=config.train.accumulate, clip_grad_norm=config.train.clip_grad_norm,
                                  scaler=scaler, autocast_dtype=autocast_dtype, ema=ema,
                                  max_nonfinite_in_a_row=config.train.max_nonfinite_steps)
+            watchdog.beat()
             batches_this_pass = batch_index + 1
             images_seen += len(images) * env.world_size
             if not outcome.optimizer_stepped:
@@ -258,64 +347,111 @@ def train(config: Config, env: DistEnv, force: bool = False) -> int:
             if state.step % config.log.every_steps == 0 or batch_index + 1 == len(loader):
                 elapsed = time.perf_counter() - window_start
                 rate = images_seen / max(elapsed, 1e-9)
-                done = (state.step - first_step) / max(1, total_steps - first_step)
+                progress_done = (clock.done - done_at_start) / max(1e-12, 1 - done_at_start)
+                step_in_epoch, steps = clock.step_in_epoch()
                 line = ProgressLine(
-                    epoch + 1, config.schedule.epochs, state.step - epoch * steps_per_epoch, steps_per_epoch,
+                    epoch + 1, config.schedule.epochs, step_in_epoch, steps,
                     outcome.loss, outcome.terms, optimizer.param_groups[0]["lr"], rate,
-                    wait / max(elapsed, 1e-9), (time.perf_counter() - started) * (1 - done) / max(done, 1e-9),
+                    wait / max(elapsed, 1e-9),
+                    (time.perf_counter() - started) * (1 - progress_done) / max(progress_done, 1e-9),
                     torch.cuda.max_memory_allocated(env.device) / 1e9 if cuda else None)
                 if env.is_main:
                     log.info("%s", format_progress(line))
-                run_log.train({"epoch": epoch + 1, "step": state.step, "loss": outcome.loss, **outcome.terms,
+                run_log.train({"epoch": epoch + 1, "step": state.step, "samples": clock.samples,
+                               "progress": clock.done, "loss": outcome.loss, **outcome.terms,
                                "lr": line.lr, "images_per_s": rate, "data_wait": line.data_wait,
                                **stats.snapshot().as_dict()})
                 window_start, wait, images_seen = time.perf_counter(), 0.0, 0
-                checkpointing.check_grace(len(images) * env.world_size / max(rate, 1e-9))
+                checkpointing.check_grace(len(images) * env.world_size / max(rate, 1e-9), "one step")
             save_now, stop_now = checkpointing.due(state.step)
             save_at_epoch_end = save_now and batch_index + 1 == len(loader)
             if save_now and not save_at_epoch_end:  # at the end of an epoch, save after its evaluation
+                watchdog.pause()
                 checkpointing.save(epoch=epoch, epoch_done=False, consumed_batches=batches_this_pass, best=best,
                                    metric=None, wait=stop_now)
+                watchdog.beat()
             if stop_now:
                 if batch_index + 1 == len(loader):
                     checkpointing.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=None,
-                                       wait=True)
+                                       wait=True, eval_pending=True)
                 return preempted(env, ddp, model, optimizer, checkpointing, run_log, stop)
             fetch_start = time.perf_counter()
+        clock.set(epoch + 1, 0)
         last = epoch + 1 == config.schedule.epochs
         metric: float | None = None  # this epoch's evaluation, if any: it marks the best checkpoint
         if config.data.val.coco and config.eval.every_epochs and ((epoch + 1) % config.eval.every_epochs == 0
                                                                   or last):
             evaluated = ema.module if ema else model
-            result = evaluate_split(evaluated, config.data.val, config, env, autocast_dtype)
-            if result is not None:
-                metric = result.stats[config.eval.metric]
-                improved = best is None or metric > best
-                best = metric if improved else best
-                note = f"best {config.eval.metric} so far" if improved else f"best {config.eval.metric} {best:.4f}"
-                log.info("%s", format_eval(epoch + 1, result.stats, note, result.per_class))
-                run_log.eval({"epoch": epoch + 1, "step": state.step, **result.stats,
-                              "per_class_ap": result.per_class, "best": best})
-                if improved:
-                    save_weights(storage.join(run_uri, "model_best.pt"), evaluated.state_dict(), config.model,
-                                 dataset.index)
-            metric, best = broadcast_object(env, (metric, best))
+            try:
+                metric, best = evaluate_epoch(evaluated, epoch, best, config, env, autocast_dtype, checkpointing,
+                                              watchdog, run_log, state.step, dataset.index, lease)
+            except EvaluationStopped:
+                checkpointing.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=None,
+                                   wait=True, eval_pending=True)
+                return preempted(env, ddp, model, optimizer, checkpointing, run_log, stop)
         _, stop_now = checkpointing.agreed_flags()
+        watchdog.pause()
         if config.checkpoint.every_epoch or save_at_epoch_end or last or stop_now:
             checkpointing.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=metric,
                                wait=last or stop_now)
         if stop_now and not last:
             return preempted(env, ddp, model, optimizer, checkpointing, run_log, stop)
+    watchdog.pause()
     if env.is_main:
         final_uri = storage.join(run_uri, "model_final.pt")
+        if lease is not None:
+            lease.fence()
         save_weights(final_uri, (ema.module if ema else model).state_dict(), config.model, dataset.index)
         run_log.close()
         log.info("finished %d steps in %.1f s (checkpoint stalls %.1f s); final weights: %s", state.step,
                  time.perf_counter() - started, checkpointing.stall_seconds, final_uri)
     checkpointing.close()
-    stop.uninstall()
     shutdown(env, ddp, model, optimizer)
     return EXIT_OK
+
+
+def evaluate_epoch(model: torch.nn.Module, epoch: int, best: float | None, config: Config, env: DistEnv,
+                   autocast_dtype: torch.dtype | None, checkpointing: Checkpointing, watchdog: ProgressWatchdog,
+                   run_log: RunLog, step: int, index: CocoIndex, lease: RunLease | None,
+                   ) -> tuple[float | None, float | None]:
+    """This epoch's evaluation: (its metric, the best so far), logged, with ``model_best.pt`` when it improved.
+
+    A stop request is agreed after every batch (so a long evaluation never outlasts the grace period); the
+    watchdog is re-armed per batch and paused while rank 0 runs COCOeval.
+    """
+    if env.is_main:
+        log.info("evaluating epoch %d on %s", epoch + 1, config.data.val.coco)
+    batch_started = time.perf_counter()
+
+    def after_batch() -> bool:
+        nonlocal batch_started
+        watchdog.beat()
+        checkpointing.check_grace(time.perf_counter() - batch_started, "one evaluation batch")
+        batch_started = time.perf_counter()
+        _, stop_now = checkpointing.agreed_flags()
+        if not stop_now:
+            return False
+        if env.is_main:
+            log.warning("stop requested during the evaluation of epoch %d: it will run again after the resume",
+                        epoch + 1)
+        return True
+
+    result = evaluate_split(model, config.data.val, config, env, autocast_dtype, should_stop=after_batch,
+                            before_gather=watchdog.pause)
+    metric: float | None = None
+    if result is not None:
+        metric = result.stats[config.eval.metric]
+        improved = best is None or metric > best
+        best = metric if improved else best
+        note = f"best {config.eval.metric} so far" if improved else f"best {config.eval.metric} {best:.4f}"
+        log.info("%s", format_eval(epoch + 1, result.stats, note, result.per_class))
+        run_log.eval({"epoch": epoch + 1, "step": step, **result.stats, "per_class_ap": result.per_class,
+                      "best": best})
+        if improved:
+            if lease is not None:
+                lease.fence()
+            save_weights(storage.join(config.run_uri, "model_best.pt"), model.state_dict(), config.model, index)
+    return broadcast_object(env, (metric, best))
 
 
 def preempted(env: DistEnv, ddp: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -328,7 +464,6 @@ def preempted(env: DistEnv, ddp: torch.nn.Module, model: torch.nn.Module, optimi
         log.warning("stopped by %s: checkpoint committed %.1f s after the signal; exiting with code %d "
                     "(preempted) so the job restarts and resumes", stop.received or "a peer's signal", since,
                     EXIT_PREEMPTED)
-    stop.uninstall()
     shutdown(env, ddp, model, optimizer)
     return EXIT_PREEMPTED
 
@@ -342,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    stop = StopSignal().install()  # from the first moment: a stop during start-up is honoured too
     try:
         config = load_config(args.config, args.set)
     except InputError as exc:
@@ -353,8 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if env.is_main:
         log.info("resolved configuration:\n%s", config.to_yaml().rstrip())
     try:
-        return train(config, env, force=args.force)
-    except InputError as exc:  # config, data or checkpoint: a retry would fail the same way
+        return train(config, env, force=args.force, stop=stop)
+    except InputError as exc:  # config, data, checkpoint or another job's run: a retry would fail the same way
         log.error("%s", exc)
         return EXIT_CONFIG_ERROR
     except NonFiniteLossError as exc:  # the same data and settings diverge again: a restart cannot fix it
@@ -362,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     except storage.StorageError as exc:
         log.error("%s", exc)
+        return EXIT_FAILURE
+    except torch.distributed.DistError as exc:  # a peer died or was stopped as stalled: the group re-forms
+        log.error("lost contact with another rank (it crashed, was killed, or was stopped as stalled by the hang "
+                  "watchdog: see its pod's log): %s", first_line(exc))
         return EXIT_FAILURE
 
 

@@ -11,6 +11,9 @@ turns the outcome into one exit code (see trainer/exit_codes.py):
   chart does not count against the restart budget;
 - anything else (a crash, a lost peer, a rendezvous that timed out): 1, which the Job retries.
 
+It also turns on torch elastic's worker timer (``TORCHELASTIC_ENABLE_FILE_TIMER=1``), through which a rank that
+makes no progress for ``train.hang_timeout_seconds`` is killed and named (trainer/watchdog.py).
+
 Under an Indexed Job it also decides which pod hosts the c10d rendezvous store: the pod whose
 ``TRAINER_NODE_INDEX`` is 0, instead of torchrun's guess from host names (which misses when the endpoint is a
 short service name and the pod's canonical name is its fully qualified one).
@@ -34,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from trainer.errors import first_line
+from trainer.watchdog import enable_hang_watchdog
 from trainer.exit_codes import DESCRIPTIONS, EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
 
 log = logging.getLogger("trainer.launch")
@@ -93,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.logs import setup_logging
 
     setup_logging(os.environ.get("TRAINER_LOG_LEVEL", "INFO"), rank=None)
+    enable_hang_watchdog(os.environ)
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     node = os.environ.get(NODE_INDEX_ENV, "")
     where = f"trainer-launch (node {node})" if node else "trainer-launch"

@@ -19,10 +19,35 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 TIMER_FILE_ENV = "TORCHELASTIC_TIMER_FILE"
+ENABLE_ENV = "TORCHELASTIC_ENABLE_FILE_TIMER"
+_TIMER_LOGGER = "torch.distributed.elastic.timer.file_based_local_timer"
+
+
+class _StallReporter(logging.Filter):
+    """Turns the timer server's "Reaping worker_pid=[N]. Expired timers: [...]" into one line naming the rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Reaping worker_pid") and "detection-trainer rank" in message:
+            rank = message.split("detection-trainer rank ", 1)[1].split(":", 1)[0]
+            pid = message.split("[", 1)[1].split("]", 1)[0]
+            log.error("rank %s stalled (%s): no progress within train.hang_timeout_seconds; its agent kills it "
+                      "(pid %s) and this pod, so the group re-forms from the last checkpoint", rank,
+                      "stopped, hung in a collective or waiting on a deadlocked loader", pid)
+        return False  # torch's own lines about the timer are noise next to ours
+
+
+def enable_hang_watchdog(environ: Any) -> None:
+    """In the torchrun agent (``trainer-launch``): run torch elastic's timer server, report a stalled rank."""
+    environ.setdefault(ENABLE_ENV, "1")
+    timer_log = logging.getLogger(_TIMER_LOGGER)
+    timer_log.setLevel(logging.INFO)
+    timer_log.addFilter(_StallReporter())
 
 
 class ProgressWatchdog:

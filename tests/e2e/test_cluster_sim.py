@@ -8,15 +8,19 @@ hostname, /etc/hosts and address 127.0.1.x, joining the rendezvous at pod 0 by i
 (b) kill -9 of a whole pod mid-run: the Job replaces it, the group re-forms, resumes from S3 and finishes with
     weights bitwise equal to (a)'s;
 (c) preemption of every pod (DisruptionTarget + SIGTERM): a checkpoint is committed, the pods exit 75, are
-    replaced without using the restart budget, and the run finishes equal to (a).
+    replaced without using the restart budget, and the run finishes equal to (a);
+(d) one pod's worker stalls (SIGSTOP): the hang watchdog names it, every pod exits within the hang timeout + 60 s,
+    the group re-forms and finishes equal to (a).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +42,7 @@ pytestmark = pytest.mark.slow
 NAMESPACE = "sim"
 BUCKET = "sim-data"
 JOB_TIMEOUT_S = 420
+HANG_TIMEOUT_S = 30  # every scenario runs with the hang watchdog armed: none of them may trip it
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def values(s3_server: LocalS3Server) -> dict[str, Any]:
                       "options": {"box_batch_size_per_image": 32, "rpn_post_nms_top_n_train": 100}},
             "schedule": {"epochs": 2, "warmup_iters": 2},
             "optim": {"lr": 0.01},
-            "train": {"deterministic": True},
+            "train": {"deterministic": True, "hang_timeout_seconds": HANG_TIMEOUT_S},
             "eval": {"every_epochs": 0},
             "checkpoint": {"every_steps": 2, "keep_last": 2},
             "log": {"every_steps": 1},
@@ -207,6 +212,45 @@ def test_c_preemption_of_every_pod_checkpoints_and_resumes_without_using_the_bud
     assert "SIGTERM received" in stopped and "checkpoint committed" in stopped
     assert "resumed from s3://sim-data/runs/train-c/checkpoints/step-" in result.log()
     assert_equal_weights(final_weights(bucket, "train-c"), final_weights(bucket, "train-a"))
+
+
+def _worker_pid(pod: Any) -> int:
+    """The training worker of a pod: the descendant of its main process running ``-m trainer.train`` that is not
+    the launcher (trainer-launch) itself."""
+    pending = [pod.main_pid()]
+    while pending:
+        pid = pending.pop()
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        if b"trainer.train" in argv and not any(b"trainer-launch" in arg for arg in argv):
+            return pid
+        pending += [int(child) for child in children]
+    raise AssertionError(f"no training worker under pod {pod.name}")
+
+
+def test_d_a_stalled_rank_is_named_every_pod_exits_fast_and_the_group_reforms_equal(
+        installed: Callable[[str], Installed], bucket: Any, reference: Installed) -> None:
+    release = installed("train-h")
+    cluster, job = release.cluster, release.workers
+    run = cluster.start_job(job, timeout=JOB_TIMEOUT_S)
+    cluster.wait_for_line(lambda pod, line: "checkpoint committed" in line and "step-000000004" in line,
+                          timeout=JOB_TIMEOUT_S)
+    first = cluster.running_pods("train-h")
+    stalled = next(pod for pod in first if pod.index == 1)
+    os.kill(_worker_pid(stalled), signal.SIGSTOP)  # frozen: it holds its sockets open and answers nothing
+    stopped_at = time.monotonic()
+    while any(pod.running for pod in first) and time.monotonic() - stopped_at < HANG_TIMEOUT_S + 90:
+        time.sleep(0.5)
+    assert not any(pod.running for pod in first), "a pod of the stalled group is still running"
+    assert time.monotonic() - stopped_at < HANG_TIMEOUT_S + 60
+    assert "rank 1 stalled" in "\n".join(stalled.lines), "\n".join(stalled.lines[-40:])
+    result = run.wait(JOB_TIMEOUT_S + 60)
+    assert result.status == "Complete", result.log()[-6000:]
+    assert "resumed from s3://sim-data/runs/train-h/checkpoints/step-" in result.log()
+    assert_equal_weights(final_weights(bucket, "train-h"), final_weights(bucket, "train-a"))
 
 
 def test_a_bad_config_fails_the_job_at_once(installed: Callable[[str], Installed]) -> None:

@@ -9,7 +9,8 @@ commit, and never the best one.
 Saving is split in two so training stalls only for a copy to CPU memory: ``snapshot`` (synchronous, every rank
 agrees on the step before calling it) and the upload, in a background thread (``CheckpointWriter``). Only rank 0
 writes. Every load uses ``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain containers, and
-nothing in it can run code.
+nothing in it can run code. Torch is imported only where tensors are touched, so a starting process can fetch and
+verify the checkpoint it resumes from while torch is still being imported (``prefetch_latest``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-
-import torch
 
 from trainer import storage
 from trainer.errors import InputError
@@ -62,6 +61,8 @@ def checkpoints_uri(run_uri: str) -> str:
 # ------------------------------------------------------------------------------------------ snapshot
 def cpu_copy(obj: Any) -> Any:
     """A deep copy with every tensor cloned to CPU memory: training may change the originals right after."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, Mapping):
@@ -87,6 +88,8 @@ class Snapshot:
     metric: float | None = None
 
     def payload(self) -> dict[str, bytes]:
+        import torch
+
         files = {}
         for name, obj in self.objects.items():
             buffer = io.BytesIO()
@@ -308,30 +311,74 @@ class LoadedCheckpoint:
     metric: float | None
 
 
-def load_checkpoint(folder: str, names: tuple[str, ...] | None = None) -> LoadedCheckpoint:
-    """Read and verify one checkpoint folder (sizes and sha256 of every payload object), then load it safely.
+@dataclass
+class Prefetched:
+    """A checkpoint folder's manifest and payload bytes, downloaded and verified before torch is even imported
+    (a resumed process overlaps its largest download with its slowest import)."""
 
-    ``names`` limits which ``.pt`` objects are loaded (e.g. only ``model`` for an export); all are verified.
-    """
+    uri: str
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+
+
+def fetch_verified(folder: str) -> Prefetched:
+    """Download every object of a checkpoint folder and check it against the manifest (size and sha256)."""
     manifest = read_manifest(folder)
-    loaded: dict[str, Any] = {}
-    state: dict[str, Any] | None = None
 
     def fetch(item: tuple[str, dict[str, Any]]) -> bytes:
         name, entry = item
         uri = storage.join(folder, name)
         try:
-            data = storage.read_bytes(uri, size_hint=entry.get("size"))
+            data = storage.read_bytes(uri, size_hint=entry["size"])
         except storage.NotFound as exc:
             raise CheckpointError(f"{uri}: listed in the manifest but missing") from exc
-        if len(data) != entry.get("size") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{uri}: size or sha256 differs from the manifest (corrupt or partial)")
         return data
 
     items = sorted(manifest["files"].items())
     with ThreadPoolExecutor(max(1, len(items))) as pool:  # all objects at once, each verified as it arrives
         contents = list(pool.map(fetch, items))
-    for (name, _), data in zip(items, contents, strict=True):
+    return Prefetched(folder, manifest, {name: data for (name, _), data in zip(items, contents, strict=True)})
+
+
+class LatestPrefetch:
+    """Fetches and verifies the checkpoint ``latest.json`` names, in a background thread; ``take`` hands the bytes
+    over once (so nothing keeps them alive after the resume). Needs no torch. Any problem (no checkpoint, damage)
+    leaves None: the resume lookup then reports it and falls back as usual."""
+
+    def __init__(self, root: str) -> None:
+        self._result: Prefetched | None = None
+        self._thread = threading.Thread(target=self._fetch, args=(root,), name="resume-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fetch(self, root: str) -> None:
+        try:
+            folder = read_latest(root)
+            self._result = fetch_verified(folder) if folder is not None else None
+        except (CheckpointError, storage.StorageError) as exc:
+            log.debug("prefetch of %s skipped: %s", root, exc)
+
+    def take(self) -> Prefetched | None:
+        self._thread.join()
+        result, self._result = self._result, None
+        return result
+
+
+def load_checkpoint(folder: str, names: tuple[str, ...] | None = None,
+                    prefetched: Prefetched | None = None) -> LoadedCheckpoint:
+    """Read and verify one checkpoint folder (sizes and sha256 of every payload object), then load it safely.
+
+    ``names`` limits which ``.pt`` objects are loaded (e.g. only ``model`` for an export); all are verified.
+    ``prefetched`` holds the folder's verified bytes when they were fetched ahead.
+    """
+    import torch
+
+    fetched = prefetched if prefetched is not None and prefetched.uri == folder else fetch_verified(folder)
+    manifest = fetched.manifest
+    loaded: dict[str, Any] = {}
+    state: dict[str, Any] | None = None
+    for name, data in fetched.files.items():
         uri = storage.join(folder, name)
         if name == "state.json":
             try:
@@ -370,8 +417,8 @@ def read_latest(root: str) -> str | None:
     return storage.join(root, name)
 
 
-def find_resumable(root: str, check: CheckpointCheck | None = None,
-                   names: tuple[str, ...] | None = None) -> LoadedCheckpoint | None:
+def find_resumable(root: str, check: CheckpointCheck | None = None, names: tuple[str, ...] | None = None,
+                   prefetched: Prefetched | None = None) -> LoadedCheckpoint | None:
     """The newest good checkpoint under ``root``: the one ``latest.json`` names, else (reported) the newest
     older one that verifies, loads and passes ``check``. None when the run has no checkpoint yet.
 
@@ -387,7 +434,7 @@ def find_resumable(root: str, check: CheckpointCheck | None = None,
         others = [uri for uri in others if int(storage.basename(uri)[5:]) < latest_step]
     for uri in candidates + others:
         try:
-            checkpoint = load_checkpoint(uri, names)
+            checkpoint = load_checkpoint(uri, names, prefetched)
             if check is not None:
                 check(checkpoint)
         except CheckpointError as exc:

@@ -255,10 +255,11 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
         rows.append({"step": item.step, "epoch": item.epoch + 1 if item.epoch is not None else None, "size": item.size, "metric": item.metric,
                      "created": item.created, "committed": item.committed, "verified": verified, "flags": flags,
                      "uri": item.uri, "problem": item.problem})
+    healthy = all(row["verified"] is not False for row in rows)  # exit 1 when any checkpoint is CORRUPT
     if args.json:
         for row in rows:
             print(json.dumps(row))
-        return EXIT_OK
+        return EXIT_OK if healthy else EXIT_FAILURE
     print(f"{'step':>9} {'epoch':>5} {'size':>9} {'metric':>7} {'created':25} {'state':10} uri")
     for row in rows:
         state = "CORRUPT" if row["verified"] is False else "verified" if row["verified"] else \
@@ -267,7 +268,7 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
         print(f"{row['step']:>9} {row['epoch'] if row['epoch'] is not None else '-':>5} {_human(row['size']):>9} "
               f"{metric:>7} {row['created'] or '-':25} {state:10} {row['uri']}"
               + (f"  ({', '.join(row['flags'])})" if row["flags"] else ""))
-    return EXIT_OK if all(row["verified"] is not False for row in rows) else EXIT_FAILURE
+    return EXIT_OK if healthy else EXIT_FAILURE
 
 
 def cmd_ckpt_export(args: argparse.Namespace) -> int:

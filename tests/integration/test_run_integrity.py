@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3Env
+from tests.support.fault_proxy import FaultPlan, FaultProxy
 from tests.integration.test_resume import Run, overrides
 from tests.support.torchrun import REPO, start_torchrun
 from trainer import cli, storage
@@ -92,6 +93,24 @@ def test_sigterm_at_the_first_step_commits_that_step(shapes: dict[str, str], tmp
     assert run.finish(120) == EXIT_PREEMPTED, run.output[-3000:]
     latest = json.loads((tmp_path / "r" / "checkpoints" / "latest.json").read_text())
     assert latest["step"] >= 1
+
+
+def test_sigterm_during_a_checkpoint_upload_commits_the_stop_checkpoint_after_it(
+        shapes: dict[str, str], s3: S3Env, fault_proxy: FaultProxy) -> None:
+    runs = s3.uri("runs")
+    fault_proxy.plan = FaultPlan(latency_s=0.3, methods=("PUT", "POST"))  # each upload takes a few seconds
+    env = {**s3_env(s3), "AWS_ENDPOINT_URL": fault_proxy.url}
+    run = start_single(settings(shapes, runs, "checkpoint.every_steps=3", "eval.every_epochs=0"), env)
+    run.wait_for(lambda line: "uploading in the background" in line and "checkpoint step 3" in line)
+    signalled = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(120) == EXIT_PREEMPTED, run.output[-3000:]
+    assert time.monotonic() - signalled < 30
+    committed = [line for line in run.lines if "checkpoint committed" in line]
+    assert any("step-000000003" in line for line in committed), run.output[-3000:]  # the upload in flight
+    fault_proxy.plan = FaultPlan()
+    latest = json.loads(storage.read_bytes(f"{runs}/r/checkpoints/latest.json"))
+    assert latest["step"] >= 4 and any(f"step-{latest['step']:09d}" in line for line in committed)
 
 
 def test_sigterm_during_evaluation_commits_in_time_and_the_evaluation_runs_again_after_resume(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.support.torchrun import REPO
+from tests.unit.test_checkpoint import DAMAGE
 from trainer import cli
 from trainer.checkpoint import step_dir_name
 from trainer.synth import make_shapes_dataset
@@ -100,3 +101,37 @@ def test_forcing_a_resume_across_a_model_change_fails_with_one_clear_line(finish
     forced = subprocess.run([*command, "--force"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
     assert forced.returncode == 2, forced.stderr[-3000:]
     assert "cannot restore this run from it" in forced.stderr and "Traceback" not in forced.stderr
+
+
+@pytest.mark.parametrize("damage", ["manifest without size", "state.json not an object",
+                                    "model.pt refused by torch.load"])
+def test_a_damaged_latest_checkpoint_is_corrupt_everywhere_and_the_previous_good_one_is_used(
+        finished_run: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "runs" / "one"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-r", str(finished_run), str(copy)], check=True)
+    DAMAGE[damage](copy / "checkpoints" / step_dir_name(8))  # the latest one
+    capsys.readouterr()
+
+    assert cli.main(["ckpt", "ls", str(copy), "--verify", "--json"]) == 1
+    rows = {row["step"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows[8]["verified"] is False and all(rows[s]["verified"] for s in (3, 4, 6))
+
+    assert cli.main(["ckpt", "export", str(copy), "--out", str(tmp_path / "w.pt")]) == 0
+    assert cli.main(["ckpt", "export", str(copy / "checkpoints" / step_dir_name(6)),
+                     "--out", str(tmp_path / "six.pt")]) == 0
+    exported, six = (torch.load(tmp_path / name, weights_only=True)["model"] for name in ("w.pt", "six.pt"))
+    assert all(torch.equal(exported[k], six[k]) for k in six)  # the previous good checkpoint's weights
+    images = finished_run.parent.parent / "shapes" / "images"
+    assert cli.main(["predict", "--weights", str(copy), "--images", str(images), "--out", str(tmp_path / "pred"),
+                     "--no-pictures"]) == 0  # a run folder as --weights: its newest good checkpoint
+    assert "CORRUPT" in capsys.readouterr().err
+
+    if damage == "manifest without size":  # and a resume falls back too (one training run is enough)
+        resumed = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(finished_run / "config.yaml"),
+                                  "--set", f"run.dir={copy.parent}", "--set", "schedule.epochs=3"],
+                                 capture_output=True, text=True, timeout=300, cwd=REPO,
+                                 env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {copy / 'checkpoints' / step_dir_name(6)}" in resumed.stderr
+        assert "Traceback" not in resumed.stderr

@@ -24,7 +24,7 @@ from trainer.data.coco_index import load_coco_index  # noqa: E402
 from trainer.data.dataset import CocoDetection  # noqa: E402
 from trainer.data.transforms import build_transforms  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
+from trainer.optim import SampleSchedule, build_optimizer  # noqa: E402
 
 
 def main() -> None:
@@ -51,10 +51,14 @@ def main() -> None:
 
     model = DistributedDataParallel(build_model(config.model, dataset.index.num_classes))
     optimizer = build_optimizer(model.module, config.optim)
-    scheduler = build_scheduler(optimizer, len(batches), config.schedule)
+    samples_per_step = batch * world
+    done = [0]
+    scheduler = SampleSchedule(optimizer, config.schedule, len(batches) * samples_per_step, samples_per_step,
+                               clock=lambda: done[0])
     model.train()
     started = None
     for step, (images, targets) in enumerate(batches):
+        done[0] = (step + 1) * samples_per_step
         if step == args.warmup:
             dist.barrier()
             started = time.perf_counter()

@@ -110,8 +110,8 @@ class Checkpointing:
         lost = self.lease is not None and self.lease.lost is not None
         timed, stop, lost = agree(self.env, timed, self.stop.requested, lost)
         if lost:
-            raise LeaseLost(self.lease.lost if self.lease is not None and self.lease.lost else
-                            f"{self.config.run_uri}: rank 0 lost the run lease; stopping without writing more")
+            raise LeaseLost((self.lease.lost if self.lease is not None else None)
+                            or f"{self.config.run_uri}: rank 0 lost the run lease; stopping without writing more")
         return timed, stop
 
     def due(self, step: int) -> tuple[bool, bool]:
@@ -163,18 +163,23 @@ def agree(env: DistEnv, *flags: bool) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def take_run_lease(config: Config, env: DistEnv) -> RunLease:
-    """Rank 0 takes the run's lease before anything is written; every rank learns whether it may go on."""
-    lease, refused = None, None
+def take_run_lease(config: Config, env: DistEnv) -> RunLease | None:
+    """Rank 0 takes the run's lease before anything is written; every rank learns whether it may go on (and
+    fails the same way when it may not: held by another job, exit 2; storage unreachable, exit 1). Ranks other
+    than 0 get None: they write nothing shared."""
+    lease, failure = None, None
     if env.is_main:
         try:
             lease = RunLease(config.run_uri, config.checkpoint.lease_ttl_seconds).acquire().start_renewing()
         except RunLeaseHeld as exc:
-            refused = str(exc)
-    refused = broadcast_object(env, refused)
-    if refused is not None:
-        raise RunLeaseHeld(refused)
-    return lease  # type: ignore[return-value]  # None on ranks other than 0: they write nothing shared
+            failure = ("held", str(exc), "")
+        except storage.StorageError as exc:
+            failure = ("storage", exc.uri, exc.cause)
+    failure = broadcast_object(env, failure)
+    if failure is not None:
+        kind, first, second = failure
+        raise RunLeaseHeld(first) if kind == "held" else storage.StorageError(first, second)
+    return lease
 
 
 def start_resume_lookup(config: Config, prefetch: LatestPrefetch | None,

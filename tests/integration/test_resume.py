@@ -24,7 +24,7 @@ import torch
 from tests.conftest import S3Env
 from tests.support.fault_proxy import FaultPlan, FaultProxy
 from tests.support.torchrun import global_step_of as step_of
-from tests.support.torchrun import start_torchrun, worker_pids
+from tests.support.torchrun import assert_same_lr_curve, lr_by_samples, start_torchrun, worker_pids
 from trainer import storage
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.exit_codes import EXIT_PREEMPTED
@@ -102,12 +102,18 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference(shapes: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    """The weights of an uninterrupted run."""
+def reference_dir(shapes: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of an uninterrupted run."""
     run_dir = tmp_path_factory.mktemp("reference")
     run = Run(start_torchrun(*overrides(shapes, run_dir)))
     assert run.finish() == 0, run.output[-4000:]
-    return final_weights(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of an uninterrupted run."""
+    return final_weights(reference_dir)
 
 
 def test_kill_9_of_one_rank_then_restart_gives_bitwise_equal_weights(shapes: dict[str, str], tmp_path: Path,
@@ -146,8 +152,10 @@ def test_sigterm_commits_a_checkpoint_and_exits_preempted_then_resumes(
     assert all(torch.equal(reference[k], weights[k]) for k in reference)
 
 
-def test_restart_with_one_process_sees_every_sample_of_the_epoch_once(shapes: dict[str, str],
-                                                                      tmp_path: Path) -> None:
+def test_restart_with_one_process_sees_every_sample_of_the_epoch_once_on_the_same_lr_curve(
+        shapes: dict[str, str], tmp_path: Path, reference_dir: Path) -> None:
+    """Data order continues exactly, and the LR schedule (over samples, not steps) continues the uninterrupted
+    2-process run's cosine curve at every common sample count."""
     first, second = tmp_path / "trace-2-processes", tmp_path / "trace-1-process"
     run = Run(start_torchrun(*overrides(shapes, tmp_path, f"log.sample_trace={first}", "checkpoint.every_steps=0")))
     run.wait_for(lambda line: (step_of(line) or 0) >= 7)  # epoch 2, 2 steps into it
@@ -171,6 +179,7 @@ def test_restart_with_one_process_sees_every_sample_of_the_epoch_once(shapes: di
                     counted[image_id] += 1
     train_ids = {image["id"] for image in json.loads(Path(shapes["train"]).read_text())["images"]}
     assert set(counted) == train_ids and set(counted.values()) == {1}, counted
+    assert_same_lr_curve(lr_by_samples(tmp_path), lr_by_samples(reference_dir), after_samples=stop_step * 4)
 
 
 def test_kill_during_an_upload_keeps_the_previous_checkpoint_as_latest(

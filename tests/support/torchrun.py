@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,27 @@ def global_step_of(line: str) -> int | None:
     """The global step of a rank-0 progress line (``... [rank 0] epoch 2/3 step 3/5 ...``), else None."""
     progress = parse_progress(line.split("] ", 1)[-1]) if "[rank 0]" in line else None
     return None if progress is None else (progress.epoch - 1) * progress.steps + progress.step
+
+
+def lr_by_samples(run_dir: Path) -> dict[int, tuple[int, float]]:
+    """samples consumed → (epoch, lr) of every training record in ``<run_dir>/r/metrics.jsonl``."""
+    out = {}
+    for line in (run_dir / "r" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            out[record["samples"]] = (record["epoch"], record["lr"])
+    return out
+
+
+def assert_same_lr_curve(resumed: dict[int, tuple[int, float]], expected: dict[int, tuple[int, float]],
+                         after_samples: int) -> None:
+    """The LR at every sample count both runs logged is equal (1e-9 relative), in the same epoch; at least four
+    such points lie after ``after_samples`` (the resume), and both runs end at the same LR."""
+    common = [samples for samples in resumed if samples in expected]
+    assert len([s for s in common if s > after_samples]) >= 4, (sorted(resumed), sorted(expected))
+    for samples in common:
+        (epoch, lr), (ref_epoch, ref_lr) = resumed[samples], expected[samples]
+        assert epoch == ref_epoch and abs(lr - ref_lr) <= 1e-9 * abs(ref_lr), (samples, lr, ref_lr)
+    assert max(resumed) == max(expected)
+    last = max(expected)
+    assert abs(resumed[last][1] - expected[last][1]) <= 1e-9 * abs(expected[last][1]) + 1e-15  # the final LR

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from collections.abc import MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,10 @@ class _StallReporter(logging.Filter):
             log.error("rank %s stalled (%s): no progress within train.hang_timeout_seconds; its agent kills it "
                       "(pid %s) and this pod, so the group re-forms from the last checkpoint", rank,
                       "stopped, hung in a collective or waiting on a deadlocked loader", pid)
-        return False  # torch's own lines about the timer are noise next to ours
+        return record.levelno >= logging.WARNING  # torch's routine INFO lines about the timer are noise
 
 
-def enable_hang_watchdog(environ: Any) -> None:
+def enable_hang_watchdog(environ: MutableMapping[str, str]) -> None:
     """In the torchrun agent (``trainer-launch``): run torch elastic's timer server, report a stalled rank."""
     environ.setdefault(ENABLE_ENV, "1")
     timer_log = logging.getLogger(_TIMER_LOGGER)

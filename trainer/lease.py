@@ -96,11 +96,11 @@ class LeaseRecord:
         if self.holder.host != socket.gethostname():
             return False
         try:
-            os.kill(self.holder.pid, 0)
+            os.kill(self.holder.pid, 0)  # PermissionError: alive, another user's process
         except ProcessLookupError:
             return True
         except PermissionError:
-            return False
+            pass
         return False
 
     def to_bytes(self, run_uri: str) -> bytes:

@@ -88,7 +88,7 @@ def test_healthy_run_shows_progress_eval_checkpoint_and_every_pod(cluster: Scena
     # the pods were found by the chart's labels, the same selector NOTES.txt gives kubectl logs
     assert any("labelSelector=app.kubernetes.io%2Finstance%3Dtrain%2Capp.kubernetes.io%2Fcomponent%3Dworker" in r
                for r in cluster.requests)
-    print(out)  # the README shows this output
+    print(out)  # docs/monitoring.md shows this output
 
 
 def test_json_has_the_same_facts(cluster: Scenario, kubeconfig: Path) -> None:
@@ -236,10 +236,10 @@ def test_namespace_from_the_context_and_from_the_flag(cluster: Scenario, kubecon
     assert watch(kubeconfig, "train", "--context", "other", "-n", "ml").returncode == 0
 
 
-def test_readme_shows_this_output(cluster: Scenario, kubeconfig: Path) -> None:
-    """README's example is the healthy scenario's real output (ages aside)."""
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("$ trainer watch train -n ml\n", 1)[1].split("```", 1)[0].rstrip("\n")
+def test_docs_show_this_output(cluster: Scenario, kubeconfig: Path) -> None:
+    """docs/monitoring.md's example is the healthy scenario's real output (ages aside)."""
+    page = (REPO / "docs" / "monitoring.md").read_text()
+    block = page.split("$ trainer watch train -n ml\n", 1)[1].split("```", 1)[0].rstrip("\n")
     out = watch(kubeconfig, "train", "-n", "ml").stdout.rstrip("\n")
 
     def ages(text: str) -> str:  # ages and pod ages move with the clock; the rest must be identical

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from trainer.local_s3 import free_port  # noqa: E402
 from trainer.synth import make_shapes_dataset  # noqa: E402
 
-# The shapes recipe of configs/shapes.yaml (see README "Proof of learning").
+# The shapes recipe of configs/shapes.yaml (bench/learning.py is the proof of learning).
 RECIPE = ["schedule.epochs=1", "eval.every_epochs=0", "log.every_steps=5", "data.aspect_ratio_groups=0"]
 
 

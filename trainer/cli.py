@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from trainer import __version__, storage
 from trainer.config import AUGMENT_PRESETS, DEFAULT_MAX_PIXELS
 from trainer.errors import InputError
+from trainer.exit_codes import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from trainer.logs import LEVELS, setup_logging
 
 if TYPE_CHECKING:  # the data modules import torch: only the commands that need them load them
@@ -25,9 +26,6 @@ if TYPE_CHECKING:  # the data modules import torch: only the commands that need 
 
 log = logging.getLogger("trainer.cli")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 # Parallel processes for convert/stats: every core, but not so many that a big node starves its neighbours.
 PROCESS_WORKERS = max(1, min(8, os.cpu_count() or 1))  # as ConvertOptions.workers
 SYNTH_MAX_SIZE = 4096  # --size: a 4096² RGB image is 50 MB; 100000² would be 30 GB
@@ -232,7 +230,7 @@ def _checkpoints_root(uri: str) -> str:
 
 def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     from trainer.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, read_latest
-    from trainer.resume import check_resumable
+    from trainer.checkpoint.state import check_resumable
 
     root = _checkpoints_root(args.uri)
     found = list_checkpoints(root)
@@ -273,7 +271,7 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
 
 def cmd_ckpt_export(args: argparse.Namespace) -> int:
     from trainer.checkpoint import resolve
-    from trainer.inference import checkpoint_weights, write_weights
+    from trainer.weights import checkpoint_weights, write_weights
 
     checkpoint = resolve(args.uri, check=checkpoint_weights, names=("model",))
     write_weights(args.out, checkpoint_weights(checkpoint, ema=args.ema))

@@ -92,6 +92,15 @@ def all_gather_objects(env: DistEnv, value: Any) -> list[Any]:
     return out
 
 
+def any_rank(env: DistEnv, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over every rank (one tiny all-reduce, on the rank's device for NCCL): how ranks agree on a
+    decision one of them made (its clock, a signal it received, rank 0's lease)."""
+    values = torch.tensor([float(flag) for flag in flags], device=env.device)
+    if env.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
 def broadcast_object(env: DistEnv, value: Any, src: int = 0) -> Any:
     if not env.distributed:
         return value

@@ -24,7 +24,6 @@ from torch import nn
 
 from trainer import storage
 from trainer.annotations.image_size import pixel_problem
-from trainer.checkpoint import CheckpointError, LoadedCheckpoint, resolve
 from trainer.config import DEFAULT_MAX_PIXELS, Config, ModelConfig, SplitConfig, parse_section
 from trainer.data.coco_index import CocoIndex, load_coco_index
 from trainer.data.dataset import CocoDetection
@@ -36,85 +35,13 @@ from trainer.distributed import DistEnv
 from trainer.engine import predict_batches, to_device
 from trainer.errors import InputError
 from trainer.evaluation import DistributedEvaluator, EvalResult, load_ground_truth
-from trainer.models import build_model, read_checkpoint, state_dict_of
-from trainer.plots import draw_detections, encode_png
+from trainer.models import build_model
+from trainer.drawing import draw_detections, encode_png
+from trainer.weights import WEIGHTS_FORMAT, read_weights_or_checkpoint, state_dict_of
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FORMAT = "detection-trainer/weights-1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-# ------------------------------------------------------------------------------------------ weights file
-def weights_payload(state: Mapping[str, torch.Tensor], model_config: ModelConfig, category_ids: Sequence[int],
-                    category_names: Sequence[str]) -> dict[str, Any]:
-    """What a weights file holds: only tensors, strings and numbers, so it loads with ``weights_only=True``."""
-    described = dataclasses.asdict(model_config)
-    described["weights"] = None  # the file is the weights; the pretrained source is history, not a dependency
-    return {"format": WEIGHTS_FORMAT, "model": {k: v.detach().cpu() for k, v in state.items()},
-            "model_config": described, "category_ids": [int(i) for i in category_ids],
-            "category_names": [str(n) for n in category_names]}
-
-
-def save_weights(uri: str, state: Mapping[str, torch.Tensor], model_config: ModelConfig, index: CocoIndex) -> None:
-    """A weights file for the classes of ``index`` (the training set's COCO categories)."""
-    write_weights(uri, weights_payload(state, model_config, index.category_ids, index.category_names))
-
-
-class NonFiniteWeightsError(InputError):
-    """Weights holding NaN or infinity: writing them as a usable model would hide a diverged run."""
-
-
-def check_finite(uri: str, state: Mapping[str, torch.Tensor]) -> None:
-    """Refuse a state dict with any NaN/inf value, naming how many tensors and the first one."""
-    bad = [name for name, tensor in state.items()
-           if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-    if bad:
-        raise NonFiniteWeightsError(f"{uri}: not written: {len(bad)} of {len(state)} weight tensors hold NaN or "
-                                    f"infinity (first: {bad[0]}); the training diverged")
-
-
-def write_weights(uri: str, payload: dict[str, Any]) -> None:
-    check_finite(uri, payload["model"])
-    with storage.open_write(uri) as stream:  # atomic: a reader never sees half a file
-        torch.save(payload, stream)
-
-
-def checkpoint_weights(checkpoint: LoadedCheckpoint, ema: bool = False) -> dict[str, Any]:
-    """The weights-file payload of a training checkpoint: its model (or EMA) weights, model config and classes.
-
-    A CheckpointError when the checkpoint lacks them, so a caller that looks for the newest good checkpoint
-    (``resolve(..., check=...)``) falls back past a damaged one.
-    """
-    model_state = checkpoint.objects.get("model")
-    classes, config = checkpoint.state.get("classes"), checkpoint.state.get("config")
-    if not isinstance(model_state, dict) or not isinstance(model_state.get("model"), dict):
-        raise CheckpointError(f"{checkpoint.uri}: model.pt holds no model state")
-    if not isinstance(classes, dict) or not classes.get("category_ids") or not isinstance(config, dict) \
-            or not isinstance(config.get("model"), dict):
-        raise CheckpointError(f"{checkpoint.uri}: the checkpoint does not name its model and classes")
-    weights = model_state["model"]
-    if ema:
-        if not isinstance(model_state.get("ema"), dict) or not isinstance(model_state["ema"].get("module"), dict):
-            raise InputError(f"{checkpoint.uri}: this run kept no EMA weights (train.ema was off)")
-        weights = model_state["ema"]["module"]
-    try:
-        model_config = parse_section(ModelConfig, dict(config["model"]), "model", checkpoint.uri)
-        return weights_payload(weights, model_config, classes["category_ids"], classes["category_names"])
-    except (InputError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{checkpoint.uri}: its model description is damaged ({exc})") from exc
-
-
-def read_weights_or_checkpoint(uri: str) -> tuple[Any, str]:
-    """A weights file, or the weights of the newest good checkpoint of a run, checkpoints or step-<N> folder."""
-    try:
-        folder = ("://" not in uri or storage.is_s3(uri)) and storage.is_dir(uri)
-    except storage.StorageError:
-        folder = False
-    if not folder:
-        return read_checkpoint(uri)
-    checkpoint = resolve(uri, check=checkpoint_weights, names=("model",))
-    return checkpoint_weights(checkpoint), checkpoint.uri
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The training progress line: one formatter and, beside it, the one parser (``trainer watch`` reads logs back).
+"""Training progress: the sample clock and meter that measure it, and the log lines that report it (one formatter
+and, beside it, the one parser of each line: ``trainer watch`` reads logs back).
 
 Example (the rank tag and time come from the logging setup)::
 
@@ -8,8 +9,86 @@ Example (the rank tag and time come from the logging setup)::
 
 from __future__ import annotations
 
+import math
 import re
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+Item = TypeVar("Item")
+
+
+class SampleClock:
+    """The run's samples consumed (epochs done x data set size + the position in this epoch): what the LR
+    schedule, the progress line and the ETA follow, so they do not bend when the world size changes."""
+
+    def __init__(self, epoch_samples: int, epochs: int, samples_per_step: int) -> None:
+        self.epoch_samples, self.total = epoch_samples, epoch_samples * epochs
+        self.samples_per_step = samples_per_step  # global batch x accumulate: one optimizer step
+        self.position = 0  # samples into the current epoch
+        self.samples = 0
+
+    def set(self, epoch: int, position: int) -> None:
+        self.position = position
+        self.samples = epoch * self.epoch_samples + position
+
+    @property
+    def done(self) -> float:
+        return self.samples / max(1, self.total)
+
+    def step_in_epoch(self) -> tuple[int, int]:
+        """(optimizer steps into this epoch, steps per epoch) at this world size, from the data position."""
+        return (math.ceil(self.position / self.samples_per_step),
+                math.ceil(self.epoch_samples / self.samples_per_step))
+
+
+@dataclass
+class MeterReading:
+    images_per_s: float  # every rank's images, since the last reading
+    data_wait: float  # share of that time spent waiting for the loader, 0..1
+    eta_s: float  # to the end of the run, extrapolated from this process's progress so far
+
+
+class ProgressMeter:
+    """Rate, data wait and ETA for the progress line: it times the window since the last reading and the run
+    since this process started (a resumed run's ETA extrapolates only what this process did)."""
+
+    def __init__(self, done_at_start: float) -> None:
+        self.started = time.perf_counter()
+        self.done_at_start = done_at_start
+        self.restart_window()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def restart_window(self) -> None:
+        self.window_start, self.wait, self.images = time.perf_counter(), 0.0, 0
+
+    def fetched(self, batches: Iterable[Item]) -> Iterator[Item]:
+        """The batches, with the time spent waiting for each counted as data wait."""
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - asked
+            yield item
+
+    def count(self, images: int) -> None:
+        self.images += images
+
+    def read(self, done: float) -> MeterReading:
+        """The window's rate and wait and the ETA at ``done`` (the run's fraction of samples); starts a new window."""
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        progress = (done - self.done_at_start) / max(1e-12, 1 - self.done_at_start)
+        reading = MeterReading(self.images / elapsed, self.wait / elapsed,
+                               self.elapsed * (1 - progress) / max(progress, 1e-9))
+        self.restart_window()
+        return reading
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,9 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--force", action="store_true",
                         help="resume even though the model or data settings differ from the checkpoint's")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=os.environ.get("TRAINER_LOG_LEVEL", "INFO"),
+                        help="verbosity of the log lines (default INFO, or $TRAINER_LOG_LEVEL: the chart sets it)")
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    try:
+        setup_logging(args.log_level)
+    except ValueError as exc:  # e.g. a mistyped TRAINER_LOG_LEVEL: a usage error, said in one line
+        sys.stderr.write(f"trainer: error: --log-level/TRAINER_LOG_LEVEL: {exc}\n")
+        return EXIT_CONFIG_ERROR
     stop = StopSignal().install()  # from the first moment: a stop during start-up is honoured too
     try:
         config = load_config(args.config, args.set)

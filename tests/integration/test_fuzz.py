@@ -160,7 +160,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from trainer.config import ModelConfig
     from trainer.data.coco_index import load_coco_index
-    from trainer.inference import save_weights
+    from trainer.weights import save_weights
     from trainer.models import build_model
 
     root = tmp_path_factory.mktemp("weights")

@@ -17,7 +17,8 @@ from trainer import cli, storage
 from trainer.config import ModelConfig
 from trainer.data.coco_index import load_coco_index
 from trainer.errors import InputError
-from trainer.inference import list_images, load_detector, save_weights, write_predictions
+from trainer.inference import list_images, load_detector, write_predictions
+from trainer.weights import save_weights
 from trainer.models import build_model
 from trainer.synth import make_shapes_dataset
 
@@ -182,7 +183,7 @@ def test_predict_writes_results_as_it_goes(shapes: Path, weights: Path, tmp_path
 
 
 def test_non_finite_weights_are_never_written(tmp_path: Path, shapes: Path) -> None:
-    from trainer.inference import NonFiniteWeightsError
+    from trainer.weights import NonFiniteWeightsError
 
     state = build_model(SMALL, 4).state_dict()
     name = next(k for k, v in state.items() if v.is_floating_point())

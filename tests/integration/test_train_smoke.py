@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.support.torchrun import torchrun
 from trainer import cli
-from trainer.inference import WEIGHTS_FORMAT
+from trainer.weights import WEIGHTS_FORMAT
 from trainer.plots import PLOT_SIZE_PX
 from trainer.progress import parse_progress
 from trainer.synth import make_shapes_dataset

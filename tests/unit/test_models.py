@@ -1,4 +1,4 @@
-"""trainer.models: every supported detector builds and trains a step on CPU; weights load safely and report
+"""trainer.models and trainer.weights: every supported detector builds and trains a step on CPU; weights load safely and report
 what they changed; freezing does what the config says. Nothing here touches the network."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from trainer import models
+from trainer import models, weights
 from trainer.config import SUPPORTED_MODELS, ModelConfig
 from trainer.errors import InputError
 
@@ -85,7 +85,7 @@ def test_each_model_builds_and_trains_one_step(name: str) -> None:
 
 
 def test_ssd_models_say_that_min_and_max_size_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="trainer.models"):
+    with caplog.at_level(logging.INFO, logger="trainer"):
         model = models.build_model(config("ssdlite320_mobilenet_v3_large"), num_classes=3)
     assert model.transform.fixed_size == (320, 320)
     assert "320x320" in caplog.text and "ignored" in caplog.text
@@ -123,8 +123,8 @@ def test_changed_head_is_reinitialised_and_everything_else_loads(
     model = models.build_model(config(), num_classes=4)
     fresh_head = {k: v.clone() for k, v in model.state_dict().items() if k in HEAD}
 
-    with caplog.at_level(logging.INFO, logger="trainer.models"):
-        report = models.load_weights(model, str(path), model_name=SMALL)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        report = weights.load_weights(model, str(path), model_name=SMALL)
 
     assert {name for name, _, _ in report.reinitialised} == HEAD
     assert dict((n, (old, new)) for n, old, new in report.reinitialised)[
@@ -146,7 +146,7 @@ def test_build_with_weights_freezes_like_torchvision_pretrained(
 ) -> None:
     path = tmp_path / "coco.pth"
     torch.save({"state_dict": coco_like}, path)
-    with caplog.at_level(logging.INFO, logger="trainer.models"):
+    with caplog.at_level(logging.INFO, logger="trainer"):
         model = models.build_model(config(weights=f"file://{path}"), num_classes=4)
     # batch-norm counters have no place in frozen batch norm: neither missing nor unexpected, no warning
     (line,) = [r for r in caplog.records if "re-initialised 4" in r.getMessage()]
@@ -184,7 +184,7 @@ def test_malicious_pickle_is_refused(container: str, tmp_path: Path) -> None:
     else:
         torch.save({"model": Evil(marker)}, path)
     with pytest.raises(InputError) as caught:
-        models.load_weights(models.build_model(config("ssdlite320_mobilenet_v3_large"), 3), str(path))
+        weights.load_weights(models.build_model(config("ssdlite320_mobilenet_v3_large"), 3), str(path))
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     assert "weights_only" in str(caught.value)
     assert not marker.exists()
@@ -206,10 +206,10 @@ def test_corrupt_truncated_missing_and_wrong_content_are_input_errors(coco_like:
     missing = tmp_path / "nope" / "missing.pth"
     for path in (corrupt, truncated, a_list, no_tensors, missing):
         with pytest.raises(InputError) as caught:
-            models.load_weights(model, str(path))
+            weights.load_weights(model, str(path))
         assert str(path) in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(InputError, match="unsupported scheme"):
-        models.load_weights(model, "ftp://example.invalid/w.pth")
+        weights.load_weights(model, "ftp://example.invalid/w.pth")
 
 
 def test_weights_of_another_architecture_match_nothing(tmp_path: Path) -> None:
@@ -241,18 +241,18 @@ def test_cached_torchvision_weights_name_loads_and_checks_its_hash(
     scratch.rename(cache / good)
     (cache / bad).write_bytes((cache / good).read_bytes())
     urls = {"Good_Weights.COCO_V1": good, "Bad_Weights.COCO_V1": bad}
-    monkeypatch.setattr(models, "get_weight",
+    monkeypatch.setattr(weights, "get_weight",
                         lambda n: SimpleNamespace(url=f"https://download.invalid/models/{urls[n]}"))
     model = models.build_model(config(), num_classes=4)
-    report = models.load_weights(model, "Good_Weights.COCO_V1")
+    report = weights.load_weights(model, "Good_Weights.COCO_V1")
     assert len(report.loaded) == len(coco_like) - 4
     with pytest.raises(InputError, match="checksum"):
-        models.load_weights(model, "Bad_Weights.COCO_V1")
+        weights.load_weights(model, "Bad_Weights.COCO_V1")
 
 
 # ------------------------------------------------------------------------------------------- freezing
 def test_freeze_patterns(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="trainer.models"):
+    with caplog.at_level(logging.INFO, logger="trainer"):
         model = models.build_model(config(freeze=["backbone.body.*", "rpn.head.conv.*"]), num_classes=4)
     frozen = frozen_names(model)
     names = [n for n, _ in model.named_parameters()]
@@ -304,7 +304,7 @@ def test_trainable_backbone_layers_freeze_what_torchvision_freezes(name: str,
 
 
 def test_trainable_backbone_layers_from_config(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="trainer.models"):
+    with caplog.at_level(logging.WARNING, logger="trainer"):
         model = models.build_model(config("fcos_resnet50_fpn", trainable_backbone_layers=2), num_classes=4)
     frozen = frozen_names(model)
     assert {n.split(".")[2] for n in frozen} == {"conv1", "bn1", "layer1", "layer2"}

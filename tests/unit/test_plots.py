@@ -1,4 +1,5 @@
-"""Run pictures: curve PNGs from metrics records, detections drawn on images, PNG encoding."""
+"""Run pictures: curve PNGs from metrics records (trainer.plots), detections drawn on images and PNG encoding
+(trainer.drawing)."""
 
 from __future__ import annotations
 
@@ -11,16 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.plots import (
-    PALETTE,
-    PLOT_SIZE_PX,
-    draw_detections,
-    encode_png,
-    label_color,
-    render_plots,
-    smooth,
-    write_plots,
-)
+from trainer.drawing import PALETTE, draw_detections, encode_png, label_color
+from trainer.plots import PLOT_SIZE_PX, render_plots, smooth, write_plots
 
 CLASSES = ["RBC", "WBC", "Platelets", "Sickle", "Blast"]
 

@@ -1,4 +1,4 @@
-"""trainer.resume: RNG states round-trip through a weights_only checkpoint; config changes are classified."""
+"""trainer.checkpoint.state: RNG states round-trip through a weights_only checkpoint; config changes are classified."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from trainer.checkpoint import LoadedCheckpoint
 from trainer.config import ConfigError, load_config
-from trainer.resume import check_config, config_changes, rng_state, set_rng_state
+from trainer.checkpoint.state import check_config, config_changes, rng_state, set_rng_state
 
 DATA = ["data.train.coco=/d/train.json", "data.train.images=/d/images"]
 

@@ -1,0 +1,35 @@
+"""Names and shapes shared by the writer and the readers of checkpoints: where they live, how folders are named,
+and the error every unusable checkpoint becomes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from trainer import storage
+from trainer.errors import InputError
+
+if TYPE_CHECKING:
+    from trainer.checkpoint.store import LoadedCheckpoint  # noqa: F401 - named in a string annotation
+
+FORMAT = "detection-trainer/checkpoint-1"
+LATEST = "latest.json"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-(\d{9})")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used: missing, partial, corrupt or not a checkpoint of ours."""
+
+
+# Raises CheckpointError when a loaded checkpoint lacks what its user needs (resume, export).
+CheckpointCheck = Callable[["LoadedCheckpoint"], None]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:09d}"  # zero-padded: listing order is step order
+
+
+def checkpoints_uri(run_uri: str) -> str:
+    return storage.join(run_uri, "checkpoints")

@@ -16,6 +16,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, Union
 
 import yaml
@@ -415,6 +416,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return config
 
 
+# check(condition, dotted key, message): raises the ConfigError naming the key when the condition is false.
+Check = Callable[[bool, str, str], None]
+
+
 def validate(config: Config, source: str, require_data: bool = True) -> None:
     """Values that parse but cannot work: one error naming the key."""
     def check(condition: bool, key: str, message: str) -> None:
@@ -427,38 +432,51 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     check(bool(_SAFE_NAME.fullmatch(config.run.name)) and ".." not in config.run.name, "run.name",
           f"must be one folder name (letters, digits, '.', '_', '-', not starting with '.' or '-', no '..'), "
           f"got {quote(config.run.name, 80)}")
-    check(config.data.batch_size >= 1, "data.batch_size", f"must be at least 1, got {config.data.batch_size}")
-    check(config.data.workers >= 0, "data.workers", f"must be 0 or more, got {config.data.workers}")
-    check(config.data.augment in AUGMENT_PRESETS, "data.augment",
-          f"unknown preset {config.data.augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
-    check((config.data.mean is None) == (config.data.std is None), "data.mean",
+    _validate_data(config.data, check)
+    _validate_model(config.model, check)
+    _validate_optimisation(config, check)
+    _validate_run_outputs(config, check)
+
+
+def _validate_data(data: DataConfig, check: Check) -> None:
+    check(data.batch_size >= 1, "data.batch_size", f"must be at least 1, got {data.batch_size}")
+    check(data.workers >= 0, "data.workers", f"must be 0 or more, got {data.workers}")
+    check(data.augment in AUGMENT_PRESETS, "data.augment",
+          f"unknown preset {data.augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
+    check((data.mean is None) == (data.std is None), "data.mean",
           "data.mean and data.std go together")
     for key in ("mean", "std"):
-        values = getattr(config.data, key)
+        values = getattr(data, key)
         check(values is None or len(values) == 3, f"data.{key}", "needs 3 values (R, G, B)")
-    check(config.data.std is None or all(v > 0 for v in config.data.std), "data.std", "values must be > 0")
-    check(0 < config.data.cache_gb <= 1e6, "data.cache_gb", f"must be > 0 and at most 1e6, got {config.data.cache_gb}")
-    check(config.data.max_pixels >= 1, "data.max_pixels", f"must be at least 1, got {config.data.max_pixels}")
-    tiles = config.data.tiles
+    check(data.std is None or all(v > 0 for v in data.std), "data.std", "values must be > 0")
+    check(0 < data.cache_gb <= 1e6, "data.cache_gb", f"must be > 0 and at most 1e6, got {data.cache_gb}")
+    check(data.max_pixels >= 1, "data.max_pixels", f"must be at least 1, got {data.max_pixels}")
+    tiles = data.tiles
     check(tiles.size >= 1, "data.tiles.size", f"must be at least 1, got {tiles.size}")
     check(0 <= tiles.overlap < tiles.size, "data.tiles.overlap",
           f"must be 0 or more and less than data.tiles.size ({tiles.size}), got {tiles.overlap}")
     check(0 < tiles.min_visibility <= 1, "data.tiles.min_visibility", f"must be in (0, 1], got {tiles.min_visibility}")
-    check(config.data.aspect_ratio_groups >= 0, "data.aspect_ratio_groups", "must be 0 or more")
-    check(config.model.name in SUPPORTED_MODELS, "model.name",
-          f"unknown model {config.model.name!r}"
-          + (f" (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(config.model.name,
+    check(data.aspect_ratio_groups >= 0, "data.aspect_ratio_groups", "must be 0 or more")
+
+
+def _validate_model(model: ModelConfig, check: Check) -> None:
+    check(model.name in SUPPORTED_MODELS, "model.name",
+          f"unknown model {model.name!r}"
+          + (f" (did you mean '{close[0]}'?)" if (close := difflib.get_close_matches(model.name,
                                                                                      SUPPORTED_MODELS, n=1))
              else f"; choose one of {', '.join(SUPPORTED_MODELS)}"))
-    check(config.model.min_size > 0 and config.model.max_size >= config.model.min_size, "model.min_size",
+    check(model.min_size > 0 and model.max_size >= model.min_size, "model.min_size",
           "needs 0 < min_size <= max_size")
-    if config.model.anchor_sizes is not None:
-        check(bool(config.model.anchor_sizes) and all(config.model.anchor_sizes)
-              and all(v > 0 for level in config.model.anchor_sizes for v in level),
+    if model.anchor_sizes is not None:
+        check(bool(model.anchor_sizes) and all(model.anchor_sizes)
+              and all(v > 0 for level in model.anchor_sizes for v in level),
               "model.anchor_sizes", "needs one non-empty list of positive sizes per feature level")
-    if config.model.aspect_ratios is not None:
-        check(bool(config.model.aspect_ratios) and all(v > 0 for v in config.model.aspect_ratios),
+    if model.aspect_ratios is not None:
+        check(bool(model.aspect_ratios) and all(v > 0 for v in model.aspect_ratios),
               "model.aspect_ratios", "needs a non-empty list of positive ratios (height / width)")
+
+
+def _validate_optimisation(config: Config, check: Check) -> None:
     check(config.optim.name in ("sgd", "adamw"), "optim.name", f"must be sgd or adamw, got {config.optim.name!r}")
     check(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
     check(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -479,6 +497,10 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     check(config.optim.scale_lr in ("none", "linear", "sqrt"), "optim.scale_lr",
           f"must be none, linear or sqrt, got {quote(config.optim.scale_lr, 80)}")
     check(config.optim.reference_batch >= 1, "optim.reference_batch", "must be at least 1")
+
+
+def _validate_run_outputs(config: Config, check: Check) -> None:
+    """eval, checkpoint and log: what the run writes, and when."""
     check(config.checkpoint.lease_ttl_seconds >= 5, "checkpoint.lease_ttl_seconds",
           f"must be at least 5, got {config.checkpoint.lease_ttl_seconds}")
     check(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",

@@ -77,13 +77,8 @@ def retry_seconds(environ: dict[str, str]) -> float:
         raise ValueError(f"{RETRY_ENV}={text!r} is not a number of seconds") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # the command (PID 1 in a container): reap orphans and forward signals (trainer/reaper.py)
-        from trainer.reaper import supervise
-
-        supervised = supervise()
-        if supervised is not None:
-            return supervised
+def run_with_retries(args: Any, where: str, retry_until: float) -> int:
+    """torchrun's agent, with the rendezvous retried until ``retry_until``; the pod's exit code."""
     from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -92,11 +87,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         RendezvousConnectionError,
         RendezvousError,
     )
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import run
+
+    def stop(signum: int, _frame: Any) -> None:
+        # a stop before torchrun installs its own handler (e.g. while waiting to retry the rendezvous)
+        raise SignalException(f"process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        while True:
+            try:
+                run(args)
+                return EXIT_OK
+            except (RendezvousClosedError, RendezvousConnectionError, DistNetworkError) as err:
+                if time.monotonic() + RETRY_PAUSE_S > retry_until:
+                    raise
+                log.warning("%s: rendezvous at %s not ready (%s: %s); retrying in %.0f s", where,
+                            args.rdzv_endpoint, type(err).__name__, first_line(err), RETRY_PAUSE_S)
+                time.sleep(RETRY_PAUSE_S)
+    except ChildFailedError as err:
+        codes = {failure.exitcode for failure in err.failures.values()}
+        log.error("%s: workers exited with %s", where, ", ".join(str(c) for c in sorted(codes)))
+        return exit_code_for(codes)
+    except SignalException as err:
+        log.warning("%s: stopped by %s; workers were asked to save a checkpoint", where, err.sigval.name)
+        return EXIT_PREEMPTED
+    except RendezvousError as err:
+        log.error("%s: rendezvous failed: %s: %s", where, type(err).__name__, first_line(err))
+        return EXIT_FAILURE
+    except DistNetworkError as err:
+        log.error("%s: rendezvous store unreachable: %s", where, first_line(err))
+        return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the command (PID 1 in a container): reap orphans and forward signals (trainer/reaper.py)
+        from trainer.reaper import supervise
+
+        supervised = supervise()
+        if supervised is not None:
+            return supervised
+    from torch.distributed.run import parse_args
 
     from trainer.logs import setup_logging
 
-    setup_logging(os.environ.get("TRAINER_LOG_LEVEL", "INFO"), rank=None)
+    try:
+        setup_logging(os.environ.get("TRAINER_LOG_LEVEL", "INFO"), rank=None)
+    except ValueError as err:
+        sys.stderr.write(f"trainer-launch: error: TRAINER_LOG_LEVEL: {err}\n")
+        return EXIT_CONFIG_ERROR
     enable_hang_watchdog(os.environ)
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     node = os.environ.get(NODE_INDEX_ENV, "")
@@ -108,36 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s: %s", where, err)
         return EXIT_CONFIG_ERROR
 
-    def stop(signum: int, _frame: Any) -> None:
-        # a stop before torchrun installs its own handler (e.g. while waiting to retry the rendezvous)
-        raise SignalException(f"process {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, stop)
-    try:
-        while True:
-            try:
-                run(args)
-                break
-            except (RendezvousClosedError, RendezvousConnectionError, DistNetworkError) as err:
-                if time.monotonic() + RETRY_PAUSE_S > retry_until:
-                    raise
-                log.warning("%s: rendezvous at %s not ready (%s: %s); retrying in %.0f s", where,
-                            args.rdzv_endpoint, type(err).__name__, first_line(err), RETRY_PAUSE_S)
-                time.sleep(RETRY_PAUSE_S)
-        code = EXIT_OK
-    except ChildFailedError as err:
-        codes = {failure.exitcode for failure in err.failures.values()}
-        code = exit_code_for(codes)
-        log.error("%s: workers exited with %s", where, ", ".join(str(c) for c in sorted(codes)))
-    except SignalException as err:
-        code = EXIT_PREEMPTED
-        log.warning("%s: stopped by %s; workers were asked to save a checkpoint", where, err.sigval.name)
-    except RendezvousError as err:
-        code = EXIT_FAILURE
-        log.error("%s: rendezvous failed: %s: %s", where, type(err).__name__, first_line(err))
-    except DistNetworkError as err:
-        code = EXIT_FAILURE
-        log.error("%s: rendezvous store unreachable: %s", where, first_line(err))
+    code = run_with_retries(args, where, retry_until)
     log.info("%s: exit %d: %s", where, code, DESCRIPTIONS.get(code, "?"))
     return code
 

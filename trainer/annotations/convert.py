@@ -342,18 +342,59 @@ def _settle_classes(names: Counter[str], labels: list[str] | None,
     return sorted({c for c in mapping.values() if c is not None}), mapping
 
 
+@dataclass
+class _VocTree:
+    """What a VOC folder holds, listed once: annotation files, image files (by name and by stem), the splits."""
+
+    ann_dir: str
+    xmls: dict[str, str]  # file name -> URI
+    images: dict[str, str]
+    by_stem: dict[str, list[str]]  # image stem -> file names, preferred extension first
+    splits: dict[str, list[str] | None]  # split -> image ids (None: every image)
+
+
 def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert a VOC tree; returns what was written and every problem. Raises ConvertError/StorageError
     only when nothing sensible can be produced."""
     say = on_progress or (lambda text: log.info("%s", text))
     if options.difficult not in ("keep", "crowd", "drop"):
         raise ConvertError(f"--difficult must be keep, crowd or drop, not {options.difficult!r}")
-    root = options.voc_root.rstrip("/") if storage.is_s3(options.voc_root) else options.voc_root
-    ann_dir, img_dir = storage.join(root, "Annotations"), storage.join(root, "JPEGImages")
     problems = _Problems()
     result = ConvertResult(strict=options.strict)
-
     labels = read_labels(options.labels) if options.labels else None
+    tree = _list_voc_tree(options)
+    names = sorted(tree.xmls)
+    say(f"parsing {len(names)} annotation files from {tree.ann_dir} with {options.workers} workers")
+    rules = BoxRules(options.voc_offset, options.difficult)
+    kept = _keep_annotated(parse_all([tree.xmls[n] for n in names], options.workers, rules), tree, options,
+                           problems, rules)
+    categories, mapping = _classes(kept, labels, problems)
+    entries, per_class = _entries(kept, mapping, problems)
+    members_by_split = _split_members(tree, entries, kept, problems)
+    for split, chosen in members_by_split.items():
+        result.split_images[split] = len(chosen)
+        result.split_objects[split] = sum(len(e.boxes) for e in chosen)
+    result.images = len(entries)
+    result.objects_per_class = {name: per_class[name] for name in categories}
+    result.categories = categories
+    result.problems = {kind: problems.by_kind[kind] for kind in sorted(problems.by_kind)}
+
+    if options.strict and result.exit_code:
+        say("not writing outputs: --strict and problems were found")
+    else:
+        for split, chosen in members_by_split.items():
+            uri = storage.join(options.out, f"{split}.json")
+            with storage.open_write(uri) as stream:
+                write_coco(stream, chosen, categories, f"{split} split, converted from Pascal VOC")
+            result.outputs[split] = uri
+    if options.report:
+        storage.write_text(options.report, json.dumps(report_dict(result), indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def _list_voc_tree(options: ConvertOptions) -> _VocTree:
+    root = options.voc_root.rstrip("/") if storage.is_s3(options.voc_root) else options.voc_root
+    ann_dir, img_dir = storage.join(root, "Annotations"), storage.join(root, "JPEGImages")
     xmls = {n: u for n, u in _list_names(ann_dir).items() if n.lower().endswith(".xml")}
     if not xmls:
         raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
@@ -365,20 +406,18 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     by_stem: dict[str, list[str]] = {}
     for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(_suffix(n)), n)):
         by_stem.setdefault(_stem(name), []).append(name)
-
-    if options.all:
-        splits = {"all": None}
-    else:
+    splits: dict[str, list[str] | None] = {"all": None}
+    if not options.all:
         found = read_splits(storage.join(root, "ImageSets", "Main"), options.splits)
-        splits = dict(found) if found else {"all": None}  # type: ignore[arg-type]
+        splits = {name: ids for name, ids in found.items()} if found else splits
+    return _VocTree(ann_dir, xmls, images, by_stem, splits)
 
-    names = sorted(xmls)
-    say(f"parsing {len(names)} annotation files from {ann_dir} with {options.workers} workers")
-    rules = BoxRules(options.voc_offset, options.difficult)
-    parsed_list = parse_all([xmls[n] for n in names], options.workers, rules)
 
-    # Resolve images, sizes and duplicates in sorted order: the first XML naming an image keeps it.
-    kept: dict[str, tuple[Parsed, str]] = {}  # xml stem → (parsed, image file)
+def _keep_annotated(parsed_list: list[Parsed], tree: _VocTree, options: ConvertOptions, problems: _Problems,
+                    rules: BoxRules) -> dict[str, tuple[Parsed, str]]:
+    """xml stem -> (parsed, image file) for every usable annotation, with its image size. Resolved in sorted
+    order: the first XML naming an image keeps it."""
+    kept: dict[str, tuple[Parsed, str]] = {}
     owner: dict[str, str] = {}
     need_size: list[tuple[Parsed, str]] = []
     for parsed in parsed_list:
@@ -389,7 +428,7 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
             problems.add(kind, parsed.xml, detail)
         parsed.problems.clear()  # what finish() adds later is reported with the boxes
         image = _name_image(parsed, problems) if options.annotations_only else \
-            _resolve_image(parsed, images, by_stem, problems)
+            _resolve_image(parsed, tree.images, tree.by_stem, problems)
         if image is None:
             continue
         if image in owner:
@@ -404,9 +443,13 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
             problems.add("no_size", parsed.xml, f"<size> is missing or zero and --annotations-only reads no image "
                                                 f"header (for {image!r})")
     else:
-        _fill_sizes(need_size, images, problems, rules)
+        _fill_sizes(need_size, tree.images, problems, rules)
+    return kept
 
-    # Classes.
+
+def _classes(kept: dict[str, tuple[Parsed, str]], labels: list[str] | None,
+             problems: _Problems) -> tuple[list[str], dict[str, str | None]]:
+    """The categories and, for every class name seen, its category (None: not in the labels file)."""
     seen: Counter[str] = Counter()
     first_file: dict[str, str] = {}
     for parsed, _ in kept.values():
@@ -414,10 +457,13 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
         seen.update(names)
         for name in set(names) - first_file.keys():
             first_file[name] = parsed.xml
-    categories, mapping = _settle_classes(seen, labels, problems, first_file)
-    renamed = {name for name, category in mapping.items() if category != name}  # case merges, unknown classes
+    return _settle_classes(seen, labels, problems, first_file)
 
-    # Boxes → entries with global ids (sorted XML order), so ids are the same in every split.
+
+def _entries(kept: dict[str, tuple[Parsed, str]], mapping: dict[str, str | None],
+             problems: _Problems) -> tuple[dict[str, ImageEntry], Counter[str]]:
+    """Boxes -> entries with global ids (sorted XML order), so ids are the same in every split; objects per class."""
+    renamed = {name for name, category in mapping.items() if category != name}  # case merges, unknown classes
     entries: dict[str, ImageEntry] = {}
     next_image_id = next_annotation_id = 1
     per_class: Counter[str] = Counter()
@@ -442,39 +488,25 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
         entries[stem] = ImageEntry(next_image_id, image, parsed.width, parsed.height, rows, next_annotation_id)
         next_image_id += 1
         next_annotation_id += len(rows)
+    return entries, per_class
 
-    # Splits: decide membership first, then stream each document straight to its destination.
+
+def _split_members(tree: _VocTree, entries: dict[str, ImageEntry], kept: dict[str, tuple[Parsed, str]],
+                   problems: _Problems) -> dict[str, list[ImageEntry]]:
+    """Each split's images in id order (membership decided before any document is streamed out)."""
     members_by_split: dict[str, list[ImageEntry]] = {}
-    for split, ids in splits.items():
+    for split, ids in tree.splits.items():
         chosen: list[ImageEntry] = []
         for image_id in (list(entries) if ids is None else ids):
             entry = entries.get(image_id)
             if entry is not None:
                 chosen.append(entry)
-            elif ids is not None and image_id not in kept and f"{image_id}.xml" not in xmls:
+            elif ids is not None and image_id not in kept and f"{image_id}.xml" not in tree.xmls:
                 problems.add("missing_annotation", f"ImageSets/Main/{split}.txt",
                              f"id {image_id!r} has no Annotations/{image_id}.xml")
         chosen.sort(key=lambda e: e.id)
         members_by_split[split] = chosen
-        result.split_images[split] = len(chosen)
-        result.split_objects[split] = sum(len(e.boxes) for e in chosen)
-
-    result.images = len(entries)
-    result.objects_per_class = {name: per_class[name] for name in categories}
-    result.categories = categories
-    result.problems = {kind: problems.by_kind[kind] for kind in sorted(problems.by_kind)}
-
-    if options.strict and result.exit_code:
-        say("not writing outputs: --strict and problems were found")
-    else:
-        for split, chosen in members_by_split.items():
-            uri = storage.join(options.out, f"{split}.json")
-            with storage.open_write(uri) as stream:
-                write_coco(stream, chosen, categories, f"{split} split, converted from Pascal VOC")
-            result.outputs[split] = uri
-    if options.report:
-        storage.write_text(options.report, json.dumps(report_dict(result), indent=2, ensure_ascii=False) + "\n")
-    return result
+    return members_by_split
 
 
 def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems: _Problems,

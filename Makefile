@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv tools demo test bench clean
+.PHONY: venv tools demo lint test bench clean
 
 venv:
 	@scripts/bootstrap.sh
@@ -14,11 +14,16 @@ tools:
 demo: venv
 	$(PY) scripts/demo.py
 
-test: venv tools
+# ruff and mypy, configured in pyproject.toml; `make test` runs it before the tests.
+# mypy runs even when ruff finds something, so one run reports both.
+lint: venv
+	$(PY) -m ruff check trainer tests bench scripts; ruff=$$?; $(PY) -m mypy && exit $$ruff
+
+test: venv tools lint
 	$(PY) -m pytest
 
 bench: venv
 	$(PY) bench/storage.py
 
 clean:
-	rm -rf $(VENV) .tools demo-output .pytest_cache
+	rm -rf $(VENV) .tools demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -15,16 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import load_config  # noqa: E402
-from trainer.data.coco_index import load_coco_index  # noqa: E402
-from trainer.data.dataset import CocoDetection  # noqa: E402
-from trainer.data.transforms import build_transforms  # noqa: E402
-from trainer.models import build_model  # noqa: E402
-from trainer.optim import SampleSchedule, build_optimizer  # noqa: E402
+from trainer.config import load_config
+from trainer.data.coco_index import load_coco_index
+from trainer.data.dataset import CocoDetection
+from trainer.data.transforms import build_transforms
+from trainer.models import build_model
+from trainer.optim import SampleSchedule, build_optimizer
 
 
 def main() -> None:

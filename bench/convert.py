@@ -175,9 +175,10 @@ def compare(label: str, root: str, out_ours: str, out_base: Path, env: dict[str,
     ours = measure([sys.executable, "-m", "trainer", "convert", "--voc-root", root, "--out", out_ours,
                     "--workers", str(workers), "--log-level", "WARNING"], env)
     row = {"case": label, "ours": ours, "baseline": base, "speedup": base["wall_s"] / ours["wall_s"],
-           "rss_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"], "pss_ratio": ours["peak_pss_mb"] / base["peak_pss_mb"],
-           "same_boxes": same_boxes(out_ours, out_base)}
-    print(f"  {label:<11} ours {ours['wall_s']:6.2f} s  RSS {ours['peak_rss_mb']:6.0f} MB  PSS {ours['peak_pss_mb']:6.0f} MB"
+           "rss_ratio": ours["peak_rss_mb"] / base["peak_rss_mb"],
+           "pss_ratio": ours["peak_pss_mb"] / base["peak_pss_mb"], "same_boxes": same_boxes(out_ours, out_base)}
+    print(f"  {label:<11} ours {ours['wall_s']:6.2f} s  RSS {ours['peak_rss_mb']:6.0f} MB"
+          f"  PSS {ours['peak_pss_mb']:6.0f} MB"
           f" | baseline {base['wall_s']:6.2f} s  RSS {base['peak_rss_mb']:6.0f} MB  PSS {base['peak_pss_mb']:6.0f} MB"
           f" | {row['speedup']:.2f}x faster, memory x{row['pss_ratio']:.2f} (PSS) x{row['rss_ratio']:.2f} (RSS)"
           f", same boxes: {row['same_boxes']}", flush=True)

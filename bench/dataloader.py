@@ -76,7 +76,8 @@ def reference(coco: str, images: str, args: argparse.Namespace) -> float:
         TorchvisionCoco(images, coco, transforms=transforms),
         target_keys=("boxes", "labels", "image_id"))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        collate_fn=lambda batch: tuple(zip(*batch)), persistent_workers=True, prefetch_factor=4)
+                        collate_fn=lambda batch: tuple(zip(*batch, strict=True)), persistent_workers=True,
+                        prefetch_factor=4)
     return images_per_second(loader, args.passes)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or refresh .venv for `make test` / `make demo` on a clean machine.
 # - .venv is rebuilt from scratch when constraints.txt (the lock for this environment) changes;
-# - the package is re-installed (editable, with test extras) when pyproject.toml changes.
+# - the package is re-installed (editable, with the test extras, which include ruff and mypy for `make lint`) when
+#   pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

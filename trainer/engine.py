@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -92,7 +92,8 @@ class ModelEma:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+    # DDP's .module is the wrapped Module (nn.Module.__getattr__ is typed as returning Tensor | Module)
+    return cast(nn.Module, model.module) if hasattr(model, "module") else model
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, images: Sequence[torch.Tensor],

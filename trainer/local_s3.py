@@ -72,7 +72,7 @@ class LocalS3Server:
         last_error = ""
         for _ in range(3):  # a port picked as free can be taken before the server binds it
             port = self.port or free_port(self.host)
-            self._log = tempfile.TemporaryFile()
+            self._log = tempfile.TemporaryFile()  # noqa: SIM115 - the server's log, closed by stop()
             env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
             env.update(self._server_env)
             self._process = subprocess.Popen(

@@ -25,7 +25,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, norm_weight_decay: f
     """Trainable parameters split into (regular, norm-and-bias) groups with their weight decays."""
     if norm_weight_decay is None:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    regular, special = [], []
+    regular: list[nn.Parameter] = []
+    special: list[nn.Parameter] = []
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
             if not parameter.requires_grad:

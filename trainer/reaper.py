@@ -16,6 +16,7 @@ ever waits for them in the launcher's place (their exit codes decide the pod's).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -66,10 +67,8 @@ def _reap(child: int, watched: set[signal.Signals]) -> int:
         if info is not None and info.si_signo != signal.SIGCHLD and info.si_code != SI_KERNEL:
             # sent by a process (kubelet, docker stop, kill): pass it on. A kernel-sent one (Ctrl-C in a
             # terminal) reached the whole foreground process group, the launcher included, already.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, info.si_signo)
-            except ProcessLookupError:
-                pass
         while True:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
 
@@ -391,7 +391,7 @@ def _get_from(loc: S3Location, uri: str, start: int, etag: str | None) -> dict[s
     if etag:
         args["IfMatch"] = etag
     try:
-        return s3_client().get_object(**args)  # type: ignore[no-any-return]
+        return s3_client().get_object(**args)
     except bex.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
             raise StorageError(uri, "the object changed while it was being read") from exc
@@ -411,7 +411,7 @@ def open_read(uri: str | os.PathLike[str], buffer_size: int = 1 << 20) -> IO[byt
     if isinstance(loc, S3Location):
         return io.BufferedReader(_S3RangeReader(loc), buffer_size=buffer_size)
     with _errors(text):
-        return open(loc, "rb")  # noqa: SIM115 - the caller owns the stream
+        return open(loc, "rb")  # the caller owns the stream
 
 
 def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None) -> bytes:
@@ -503,7 +503,7 @@ def is_dir(uri: str | os.PathLike[str]) -> bool:
 
 
 def _local_time(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=timezone.utc)
+    return datetime.fromtimestamp(ts, tz=UTC)
 
 
 # ---------------------------------------------------------------------------------------------- lists
@@ -711,7 +711,7 @@ def open_write(uri: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
             yield handle
         return
     with tempfile.SpooledTemporaryFile(max_size=MULTIPART_THRESHOLD) as spool:
-        yield spool  # type: ignore[misc]
+        yield spool
         size = spool.tell()
         spool.seek(0)
         with _errors(text, is_read=False):
@@ -836,7 +836,7 @@ def copy_many(
 
     The first failure stops new copies and is raised (copies already finished stay in place).
     """
-    jobs = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in pairs]  # type: ignore[misc]
+    jobs = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in pairs]
     summary = TransferSummary()
     start = time.perf_counter()
     if not jobs:
@@ -861,7 +861,8 @@ def copy_many(
     summary.seconds = time.perf_counter() - start
     if failure is not None:
         error = _explain(*failure)
-        raise type(error)(error.uri, f"{error.cause} ({summary.objects} of {len(jobs)} copies finished)") from failure[1]
+        cause = f"{error.cause} ({summary.objects} of {len(jobs)} copies finished)"
+        raise type(error)(error.uri, cause) from failure[1]
     return summary
 
 

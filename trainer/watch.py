@@ -201,7 +201,7 @@ def _job_view(kube: Kube, namespace: str, release: str, now: datetime | None = N
         finished = "Complete" if "Complete" in conditions else "Failed" if "Failed" in conditions else None
         return {"kind": "Job", "name": job.metadata.name, "active": job.status.active or 0,
                 "succeeded": job.status.succeeded or 0, "failed": job.status.failed or 0, "finished": finished,
-                "reason": (conditions.get("Failed").reason if finished == "Failed" else None),
+                "reason": (conditions["Failed"].reason if finished == "Failed" else None),
                 "suspended": "Suspended" in conditions or bool(job.spec.suspend),
                 "started": job.status.start_time.isoformat() if job.status.start_time else None,
                 "restarts": None, "max_restarts": None, "conditions": [], "unit": "pods"}
@@ -223,7 +223,7 @@ def _parse_time(text: Any) -> datetime | None:
 
 def _true_conditions(status: dict[str, Any], now: datetime) -> list[dict[str, Any]]:
     """The conditions that hold, oldest first: type, reason, message and how long ago they became true."""
-    out = []
+    out: list[dict[str, Any]] = []
     for condition in status.get("conditions") or []:
         if str(condition.get("status")) != "True":
             continue
@@ -387,7 +387,8 @@ def warnings(summary: Summary, kube: Kube, namespace: str, hang_after_s: float) 
     for view in current:
         reason = view.state.split(": ", 1)[-1]
         if reason in IMAGE_PULL_REASONS:
-            found.append(f"{view.name}: cannot pull the image ({reason}): {view.message or 'check image and pull secret'}")
+            hint = view.message or "check image and pull secret"
+            found.append(f"{view.name}: cannot pull the image ({reason}): {hint}")
         elif reason == "CrashLoopBackOff":
             found.append(f"{view.name}: CrashLoopBackOff: {view.message}")
         elif view.phase == "Pending" and view.state.startswith("unschedulable"):
@@ -433,7 +434,8 @@ def _workload_warnings(job: dict[str, Any] | None) -> list[str]:
                      (" (none left: the next failure fails the run)" if left == 0 else f" ({left} left)"))
     if "Restarting" in by_type and job["finished"] is None:
         condition = by_type["Restarting"]
-        found.append(f"{where}: restarting ({condition['reason'] or 'Restarting'}): {condition['message']}".rstrip(": "))
+        reason = condition["reason"] or "Restarting"
+        found.append(f"{where}: restarting ({reason}): {condition['message']}".rstrip(": "))
     if job["finished"] == "Failed" and "Failed" in by_type:
         condition = by_type["Failed"]
         found.append(f"{where} failed ({condition['reason'] or 'Failed'}): {condition['message']}".rstrip(": "))
@@ -570,7 +572,7 @@ def watch(kube: Kube, namespace: str, release: str, *, follow: bool, logs_mode: 
     _emit(summary, as_json, out)
     if not follow:
         return 1 if summary.finished == "Failed" else 0
-    seen = {pod: max((l.time for l in lines if l.time), default=None) for pod, lines in logs.items()}
+    seen = {pod: max((entry.time for entry in lines if entry.time), default=None) for pod, lines in logs.items()}
     follower = LogFollower(kube, namespace, logs_mode == "rank0", seen) if logs_mode != "none" else None
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     try:
@@ -579,8 +581,8 @@ def watch(kube: Kube, namespace: str, release: str, *, follow: bool, logs_mode: 
                 follower.track(summary.pods)
             sleep(interval_s)
             if follower is not None:
-                for line in follower.drain():
-                    print(line.prefixed(), file=out, flush=True)
+                for entry in follower.drain():
+                    print(entry.prefixed(), file=out, flush=True)
             summary, _ = collect(kube, namespace, release, hang_after_s=hang_after_s, tail=50)
             _emit(summary, as_json, out, brief=follower is not None)
     finally:

@@ -63,7 +63,8 @@ def validatable(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "jobset-node"}, **job})
         elif obj["kind"] == "PyTorchJob":
             template = obj["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
-            out.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "worker"}, "template": template})
+            out.append({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "worker"},
+                        "template": template})
         else:
             out.append(obj)
     return out

@@ -297,7 +297,8 @@ def test_helm_test_lists_the_data_set_with_the_pods_credentials(installed: Calla
     assert result.status == "Complete", result.log()
     assert "ImageSets/" in result.log() and "Annotations/" in result.log()
     # the same release pointed at a bucket it cannot read: `helm test` fails
-    wrong = render("train-f", tmp_path / "values.yaml", namespace=NAMESPACE, extra=("--set", "s3.bucket=no-such-bucket"))
+    wrong = render("train-f", tmp_path / "values.yaml", namespace=NAMESPACE,
+                   extra=("--set", "s3.bucket=no-such-bucket"))
     broken = Cluster(wrong, tmp_path / "wrong", NAMESPACE, secrets_data=release.cluster.secrets)
     failed = helm_test(broken)
     assert failed.status == "Failed" and "no-such-bucket" in failed.log(), failed.log()

@@ -79,7 +79,7 @@ def test_the_base_image_matches_the_tested_interpreter_and_torch() -> None:
     else:
         assert name in ("python", "docker.io/library/python"), image
         assert re.match(r"\d+\.\d+\.\d+-", tag), f"{image}: pin the Python version"
-        tested = "Python %d.%d" % sys.version_info[:2]
+        tested = "Python {}.{}".format(*sys.version_info[:2])
         assert tag.startswith(tested.split()[1] + "."), f"{image} is not {tested}, the interpreter of the lock"
         assert tested in CONSTRAINTS.splitlines()[0], "constraints.txt's header names another Python"
 

@@ -229,7 +229,8 @@ def test_cli_summary_exit_codes_and_report(tmp_path: Path) -> None:
     assert "warning missing_image" in result.stderr and "FAILED: 1 errors, 1 warnings" in result.stderr
     assert len(result.stderr.splitlines()) < 25  # one screen
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["problems"]["missing_image"]["items"] == [{"file": "c.xml", "detail": "no image 'c.jpg' in the image folder"}]
+    assert report["problems"]["missing_image"]["items"] == [
+        {"file": "c.xml", "detail": "no image 'c.jpg' in the image folder"}]
     assert load(tmp_path / "out/all.json")["images"][0]["file_name"] == "a.jpg"  # the good file survived
 
     assert cli("--voc-root", "x", "--out", "y", "--all", "--splits", "train").returncode == 2

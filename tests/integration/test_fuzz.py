@@ -119,7 +119,8 @@ def mutate_xml(text: str, rng: random.Random) -> bytes:
     if kind == 6:
         return ("<annotation>" + "<a>" * 50_000 + "</a>" * 50_000 + "</annotation>").encode()
     if kind == 7:
-        return text.replace("<filename>", rng.choice(["<filename>../../", "<filename>/etc/", "<filename>\\..\\"])).encode()
+        prefix = rng.choice(["<filename>../../", "<filename>/etc/", "<filename>\\..\\"])
+        return text.replace("<filename>", prefix).encode()
     lol = '<!DOCTYPE a [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]>'
     return ('<?xml version="1.0"?>' + lol + text.replace("RBC", "&b;")).encode()
 
@@ -140,7 +141,7 @@ def mutate_yaml(text: str, rng: random.Random) -> bytes:
     else:
         bomb = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"] + \
                [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
-        lines = bomb + [f"optim: {{lr: *a8}}"] + lines
+        lines = bomb + ["optim: {lr: *a8}"] + lines
     return ("\n".join(lines) + "\n").encode()
 
 
@@ -160,8 +161,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from trainer.config import ModelConfig
     from trainer.data.coco_index import load_coco_index
-    from trainer.weights import save_weights
     from trainer.models import build_model
+    from trainer.weights import save_weights
 
     root = tmp_path_factory.mktemp("weights")
     coco, _ = simple_dataset(root, count=2)
@@ -206,7 +207,8 @@ def test_every_entry_point_survives_mutated_inputs(tmp_path: Path, weights: Path
     (folder / "fine.png").write_bytes(good)
     (tmp_path / "imgs.json").write_text(json.dumps({
         "images": entries, "categories": [{"id": 1, "name": "a"}],
-        "annotations": [{"id": e["id"], "image_id": e["id"], "category_id": 1, "bbox": [4, 4, 26, 26]} for e in entries]}))
+        "annotations": [{"id": e["id"], "image_id": e["id"], "category_id": 1, "bbox": [4, 4, 26, 26]}
+                        for e in entries]}))
     cli("predict", "--weights", weights, "--images", folder, "--out", tmp_path / "pred", "--score-thr", "0",
         "--no-pictures")
     cli("stats", "--coco", tmp_path / "imgs.json", "--images", folder, "--workers", "1")
@@ -217,7 +219,7 @@ def test_every_entry_point_survives_mutated_inputs(tmp_path: Path, weights: Path
     (voc / "Annotations").mkdir(parents=True)
     (voc / "JPEGImages").mkdir()
     sources = sorted((BCCD / "Annotations").glob("*.xml"))[:30]
-    for n, source in enumerate(sources):
+    for source in sources:
         (voc / "Annotations" / source.name).write_bytes(mutate_xml(source.read_text(), rng))
         image = BCCD / "JPEGImages" / (source.stem + ".jpg")
         if image.exists():

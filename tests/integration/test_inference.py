@@ -18,9 +18,9 @@ from trainer.config import ModelConfig
 from trainer.data.coco_index import load_coco_index
 from trainer.errors import InputError
 from trainer.inference import list_images, load_detector, write_predictions
-from trainer.weights import save_weights
 from trainer.models import build_model
 from trainer.synth import make_shapes_dataset
+from trainer.weights import save_weights
 
 SMALL = ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", min_size=96, max_size=96,
                     options={"box_score_thresh": 0.0})
@@ -76,7 +76,7 @@ def test_list_images_file_folder_and_glob(shapes: Path) -> None:
     assert list_images(str(images / "shape_00001.jpg")) == [str(images / "shape_00001.jpg")]
     assert [Path(u).name for u in list_images(f"{images}/shape_0000[0-2].jpg")] == \
         ["shape_00000.jpg", "shape_00001.jpg", "shape_00002.jpg"]
-    with pytest.raises(InputError, match="no .jpg/.jpeg/.png images there"):
+    with pytest.raises(InputError, match=r"no \.jpg/\.jpeg/\.png images there"):
         list_images(f"{images}/*.tif")
     with pytest.raises(storage.NotFound):
         list_images(str(images / "missing.jpg"))
@@ -103,7 +103,7 @@ def test_predict_from_and_to_s3_with_a_broken_image_skipped(s3: S3Env, shapes: P
     assert {d["file_name"] for d in detections} <= {s3.uri("in/shape_00000.jpg"), s3.uri("in/shape_00001.jpg")}
     for d in detections:
         x, y, w, h = d["bbox"]
-        assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= 96.01 and y + h <= 96.01
+        assert x >= 0 and y >= 0 and w >= 0 and h >= 0 and x + w <= 96.01 and y + h <= 96.01
         assert d["category_name"] == ["circle", "square", "triangle"][d["category_id"] - 1]
 
 

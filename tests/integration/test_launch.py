@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tests.support.torchrun import REPO, _loopback_launch
-from trainer.local_s3 import free_port
 from trainer.launch import exit_code_for, retry_seconds, with_rendezvous_host
+from trainer.local_s3 import free_port
 
 WORKER = REPO / "tests" / "support" / "exit_worker.py"
 

@@ -23,8 +23,8 @@ import torch
 
 from tests.conftest import S3Env
 from tests.support.fault_proxy import FaultPlan, FaultProxy
-from tests.support.torchrun import global_step_of as step_of
 from tests.support.torchrun import assert_same_lr_curve, lr_by_samples, start_torchrun, worker_pids
+from tests.support.torchrun import global_step_of as step_of
 from trainer import storage
 from trainer.checkpoint import list_checkpoints, load_checkpoint
 from trainer.exit_codes import EXIT_PREEMPTED
@@ -193,7 +193,7 @@ def test_kill_during_an_upload_keeps_the_previous_checkpoint_as_latest(
     for pid in worker_pids(run.proc.pid):  # the whole pod dies: every rank, no time to finish anything
         os.kill(pid, signal.SIGKILL)
     run.finish()
-    assert "step-000000004" not in "".join(l for l in run.lines if "committed" in l), in_flight
+    assert "step-000000004" not in "".join(line for line in run.lines if "committed" in line), in_flight
     latest = json.loads(storage.read_text(f"{runs}/r/checkpoints/latest.json"))
     assert latest["step"] == 2
 

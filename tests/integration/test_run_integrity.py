@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3Env
-from tests.support.fault_proxy import FaultPlan, FaultProxy
 from tests.integration.test_resume import Run, overrides
+from tests.support.fault_proxy import FaultPlan, FaultProxy
 from tests.support.torchrun import REPO, assert_same_lr_curve, lr_by_samples, start_torchrun
 from trainer import cli, storage
 from trainer.exit_codes import EXIT_CONFIG_ERROR, EXIT_PREEMPTED

@@ -115,10 +115,9 @@ def test_concurrent_writers_leave_exactly_one_complete_version(s3: S3Env, size: 
 def test_failed_streaming_write_keeps_the_previous_object(s3: S3Env) -> None:
     uri = s3.uri("keep/me.bin")
     storage.write_bytes(uri, b"old content")
-    with pytest.raises(RuntimeError, match="producer failed"):
-        with storage.open_write(uri) as stream:
-            stream.write(os.urandom(20 * MB))
-            raise RuntimeError("producer failed")
+    with pytest.raises(RuntimeError, match="producer failed"), storage.open_write(uri) as stream:
+        stream.write(os.urandom(20 * MB))
+        raise RuntimeError("producer failed")
     assert storage.read_bytes(uri) == b"old content"
 
 

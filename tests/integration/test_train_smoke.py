@@ -11,10 +11,10 @@ from PIL import Image
 
 from tests.support.torchrun import torchrun
 from trainer import cli
-from trainer.weights import WEIGHTS_FORMAT
 from trainer.plots import PLOT_SIZE_PX
 from trainer.progress import parse_progress
 from trainer.synth import make_shapes_dataset
+from trainer.weights import WEIGHTS_FORMAT
 
 
 def test_two_processes_train_evaluate_and_write_outputs(tmp_path: Path) -> None:
@@ -61,8 +61,8 @@ def test_two_processes_train_evaluate_and_write_outputs(tmp_path: Path) -> None:
 
     # `trainer predict` on a glob of images: one detections JSON and one PNG per image, of the image's size
     out = tmp_path / "predictions"
-    assert cli.main(["predict", "--weights", str(run / "model_final.pt"), "--images", f"{data.images_uri}/shape_0000*.jpg",
-                     "--out", str(out), "--score-thr", "0"]) == 0
+    assert cli.main(["predict", "--weights", str(run / "model_final.pt"),
+                     "--images", f"{data.images_uri}/shape_0000*.jpg", "--out", str(out), "--score-thr", "0"]) == 0
     detections = json.loads((out / "detections.json").read_text())
     pictures = sorted(out.glob("*.png"))
     assert len(pictures) == 10  # shape_00000 .. shape_00009

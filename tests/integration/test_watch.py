@@ -78,7 +78,8 @@ def test_healthy_run_shows_progress_eval_checkpoint_and_every_pod(cluster: Scena
     assert "release train (namespace ml) · Job train: Running, 2 active, 0 succeeded, 0 failed pods" in out
     # (ages: the log lines were stamped when the scenario was made, a second or two before the command ran)
     assert re.search(r"epoch 3/24 step 120/500 \(9\.3% of the run\) · loss 0\.8123 \(loss_classifier 0\.2100, "
-                     r"loss_box_reg 0\.3000\) · lr 0\.02 · 142\.3 img/s · ETA 3:25:00 · mem 21\.40G · 0:00:0\d ago", out)
+                     r"loss_box_reg 0\.3000\) · lr 0\.02 · 142\.3 img/s · ETA 3:25:00 · mem 21\.40G · "
+                     r"0:00:0\d ago", out)
     assert "last eval   epoch 2: AP 0.3120 AP50 0.5750 AP75 0.3010" in out
     assert re.search(rf"checkpoint  step 1100, 0:05:0\d ago \({CKPT}, from rank-0 log\)", out)
     rows = [row.split() for row in out.splitlines() if row.startswith("train-")]

@@ -2,7 +2,8 @@
 the API's documented JSON (PodList, JobList, EventList, ConfigMap, pod logs as text, followed logs streamed).
 
 A scenario describes pods (phase, container state, restarts, log lines as seconds-ago + text), the Job, or a
-JobSet (jobset.x-k8s.io/v1alpha2) or PyTorchJob (kubeflow.org/v1) served as custom objects, and the events; times are rendered relative to the moment of each request (log lines: to when the scenario was made),
+JobSet (jobset.x-k8s.io/v1alpha2) or PyTorchJob (kubeflow.org/v1) served as custom objects, and the events;
+times are rendered relative to the moment of each request (log lines: to when the scenario was made),
 so the tests do not depend on the clock.
 The kubernetes client deserialises every body into its typed models, which checks their shape.
 """
@@ -54,7 +55,8 @@ class FakePod:
             {"running": {"startedAt": stamp(now, self.age_s)}} if self.phase == "Running" else
             {"waiting": {"reason": "ContainerCreating"}})
         statuses = [] if self.unschedulable else [{
-            "name": self.container, "state": state, "lastState": self.last_state or {}, "ready": self.phase == "Running",
+            "name": self.container, "state": state, "lastState": self.last_state or {},
+            "ready": self.phase == "Running",
             "restartCount": self.restarts, "image": "registry.example.com/ml/trainer:0.1.0",
             "imageID": "", "containerID": "containerd://abc" if self.phase != "Pending" else None,
             "started": self.phase == "Running"}]
@@ -102,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:  # keep pytest output clean
         pass
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:  # http.server's naming
         scenario = self.server.scenario
         scenario.requests.append(self.path)
         if scenario.on_request is not None:
@@ -122,7 +124,8 @@ class _Handler(BaseHTTPRequestHandler):
             items = [i for i in items if _matches(i["metadata"]["labels"], query.get("labelSelector", ""))]
             return self._json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"},
                                     "items": items})
-        if parts[:4] == ["api", "v1", "namespaces", ns] and len(parts) == 7 and parts[4] == "pods" and parts[6] == "log":
+        if (parts[:4] == ["api", "v1", "namespaces", ns] and len(parts) == 7 and parts[4] == "pods"
+                and parts[6] == "log"):
             pod = next((p for p in scenario.pods if p.name == parts[5]), None)
             if pod is None:
                 return self._failure(404, "NotFound", f'pods "{parts[5]}" not found')
@@ -265,7 +268,8 @@ def fake_cluster(scenario: Scenario, kubeconfig: Path, token: str = TOKEN) -> It
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
         "clusters": [{"name": "fake", "cluster": {"server": url}}],
         "users": [{"name": "tester", "user": {"token": token}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": scenario.namespace}},
+        "contexts": [{"name": "fake",
+                      "context": {"cluster": "fake", "user": "tester", "namespace": scenario.namespace}},
                      {"name": "other", "context": {"cluster": "fake", "user": "tester", "namespace": "elsewhere"}}],
     }))
     try:

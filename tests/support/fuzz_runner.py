@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 import traceback
+from pathlib import Path
 
 
 def run_case(entry: str, argv: list[str]) -> dict[str, object]:
@@ -31,7 +32,7 @@ def run_case(entry: str, argv: list[str]) -> dict[str, object]:
             code = main(argv)
         except SystemExit as exc:  # argparse usage errors
             code = exc.code if isinstance(exc.code, int) else 1
-        except BaseException:  # noqa: BLE001 - exactly what the fuzz pass looks for
+        except BaseException:  # exactly what the fuzz pass looks for
             code, crash = -1, traceback.format_exc()
     text = err.getvalue() + out.getvalue()
     return {"argv": argv, "code": code, "crash": crash[-3000:], "seconds": round(time.monotonic() - started, 2),
@@ -43,7 +44,7 @@ def main() -> None:
     cases_path, results_path, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     results = []
-    for case in json.loads(open(cases_path).read()):
+    for case in json.loads(Path(cases_path).read_text()):
         with open(results_path + ".running", "w") as handle:  # names the case if the process itself dies
             json.dump(case, handle)
         results.append(run_case(case["entry"], case["argv"]))

@@ -12,8 +12,19 @@ import pytest
 import torch
 
 from trainer import storage
-from trainer.checkpoint import (LATEST, CheckpointError, CheckpointWriter, Snapshot, cpu_copy, find_resumable,
-                                list_checkpoints, load_checkpoint, read_latest, resolve, step_dir_name)
+from trainer.checkpoint import (
+    LATEST,
+    CheckpointError,
+    CheckpointWriter,
+    Snapshot,
+    cpu_copy,
+    find_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    read_latest,
+    resolve,
+    step_dir_name,
+)
 
 
 def snapshot(step: int, metric: float | None = None) -> Snapshot:
@@ -94,7 +105,7 @@ def test_a_malicious_pickle_in_a_checkpoint_runs_nothing(tmp_path: Path, monkeyp
     evil = Snapshot(7, 0, {"model": {"w": torch.zeros(1)}}, {"step": 7})
     evil.payload = lambda: {"model.pt": pickle.dumps(Boom()), "state.json": b"{}"}  # type: ignore[method-assign]
     writer.commit(evil)  # a manifest with matching checksums: only the loader stands in the way
-    with pytest.raises(CheckpointError, match="refused by torch.load"):
+    with pytest.raises(CheckpointError, match=r"refused by torch\.load"):
         load_checkpoint(str(tmp_path / "checkpoints" / step_dir_name(7)))
     assert not (tmp_path / "pwned").exists()
 

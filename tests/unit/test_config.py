@@ -85,7 +85,7 @@ def test_detector_options_and_anchors_keep_their_types() -> None:
 
 
 def test_data_locations_are_required() -> None:
-    with pytest.raises(ConfigError, match="data.train.coco: is required"):
+    with pytest.raises(ConfigError, match=r"data\.train\.coco: is required"):
         load_config(None, [])
     assert isinstance(load_config(None, [], require_data=False), Config)
 
@@ -166,7 +166,7 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(str(tmp_path))
 
 
-def test_missing_config_in_s3_is_a_config_error(s3) -> None:  # noqa: ANN001 - the conftest fixture
+def test_missing_config_in_s3_is_a_config_error(s3) -> None:  # s3: the conftest fixture
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(s3.uri("nothing/run.yaml"))
 

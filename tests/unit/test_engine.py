@@ -48,7 +48,8 @@ def test_accumulation_steps_the_optimizer_every_n_batches_and_ema_follows() -> N
     outcomes = [step(model, optimizer, state, accumulate=2, clip_grad_norm=1.0, ema=ema) for _ in range(4)]
     assert [o.optimizer_stepped for o in outcomes] == [False, True, False, True] and state.step == 2
     assert float(model.scale.detach()) != 1.0
-    assert 1.0 > float(ema.module.scale) > float(model.scale.detach()) or 1.0 < float(ema.module.scale) < float(model.scale.detach())
+    ema_scale, model_scale = float(ema.module.scale), float(model.scale.detach())
+    assert 1.0 > ema_scale > model_scale or 1.0 < ema_scale < model_scale
     assert set(outcomes[0].terms) == {"loss_a", "loss_b"}
 
 

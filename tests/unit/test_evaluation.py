@@ -41,7 +41,9 @@ def noisy_outputs(gt: dict, seed: int = 0) -> tuple[list[dict], list[dict]]:
             boxes.append([x, y, x + max(w, 1), y + max(h, 1)])
             labels.append(label_of[a["category_id"]])
             scores.append(float(rng.uniform(0.3, 1)))
-        boxes.append([5, 5, 60, 60]); labels.append(1); scores.append(0.2)  # a false positive
+        boxes.append([5, 5, 60, 60])  # a false positive
+        labels.append(1)
+        scores.append(0.2)
         outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
                         "scores": torch.tensor(scores)})
         targets.append({"image_id": image["id"]})
@@ -52,7 +54,9 @@ def direct_pycocotools(gt_path: Path, detections: list[dict]) -> list[float]:
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
         evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
-        evaluator.evaluate(); evaluator.accumulate(); evaluator.summarize()
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
     return list(evaluator.stats)
 
 

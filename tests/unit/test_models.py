@@ -1,5 +1,5 @@
-"""trainer.models and trainer.weights: every supported detector builds and trains a step on CPU; weights load safely and report
-what they changed; freezing does what the config says. Nothing here touches the network."""
+"""trainer.models and trainer.weights: every supported detector builds and trains a step on CPU; weights load safely
+and report what they changed; freezing does what the config says. Nothing here touches the network."""
 
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def test_each_model_builds_and_trains_one_step(name: str) -> None:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    assert any(not torch.equal(old, p.detach()) for old, p in zip(before, params))
+    assert any(not torch.equal(old, p.detach()) for old, p in zip(before, params, strict=True))
 
     model.eval()
     with torch.no_grad():

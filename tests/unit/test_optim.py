@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from torch import nn
@@ -26,8 +28,8 @@ def test_warmup_then_cosine_to_zero() -> None:
     config = ScheduleConfig(epochs=2, warmup_iters=10, kind="cosine")
     factors = [lr_factor(i * 4, 200, 40, config) for i in range(100)]  # 4 samples a step, 50 steps an epoch
     assert factors[0] == pytest.approx(0.001) and factors[10] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(factors[:10], factors[1:11], strict=True))
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] < 0.001
+    assert all(a <= b for a, b in pairwise(factors[:11]))
+    assert all(a >= b for a, b in pairwise(factors[10:])) and factors[-1] < 0.001
     assert lr_factor(400, 200, 40, config) == 0.0
 
 
@@ -53,7 +55,8 @@ def test_the_curve_depends_on_samples_not_on_the_steps_that_consumed_them() -> N
     for batch in (2, 4, 8):
         optimizer = build_optimizer(model, OptimConfig(lr=0.1, norm_weight_decay=None))
         samples = [0]
-        scheduler = SampleSchedule(optimizer, config, 64, 4, clock=lambda: samples[0])  # warm-up: 20 samples
+        # warm-up: 20 samples; the clock reads this iteration's counter
+        scheduler = SampleSchedule(optimizer, config, 64, 4, clock=lambda samples=samples: samples[0])
         by_batch[batch] = {}
         while samples[0] < 3 * 64:
             samples[0] += batch

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from trainer.checkpoint import LoadedCheckpoint
-from trainer.config import ConfigError, load_config
 from trainer.checkpoint.state import check_config, config_changes, rng_state, set_rng_state
+from trainer.config import ConfigError, load_config
 
 DATA = ["data.train.coco=/d/train.json", "data.train.images=/d/images"]
 

@@ -64,6 +64,7 @@ def test_metrics_jsonl_stays_strict_json_when_values_are_not_finite(tmp_path: Pa
     def refuse(token: str) -> float:
         raise ValueError(f"not JSON: {token}")
 
-    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=refuse) for line in lines]
     assert records[0]["loss"] is None and records[0]["loss_a"] is None and records[0]["lr"] == 0.1
     assert records[1]["AP"] is None and records[1]["per_class_ap"] == {"a": None, "b": 0.5}

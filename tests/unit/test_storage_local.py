@@ -30,10 +30,9 @@ def test_file_uri_scheme_is_a_local_path(tmp_path: Path) -> None:
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp_files(tmp_path: Path) -> None:
     target = tmp_path / "ckpt.bin"
     target.write_bytes(b"previous")
-    with pytest.raises(ValueError):
-        with storage.open_write(target) as stream:
-            stream.write(b"half of the new cont")
-            raise ValueError("killed mid-write")
+    with pytest.raises(ValueError), storage.open_write(target) as stream:
+        stream.write(b"half of the new cont")
+        raise ValueError("killed mid-write")
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.bin"]
 

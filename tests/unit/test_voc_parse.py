@@ -97,7 +97,8 @@ def test_unknown_or_lying_encodings_are_errors() -> None:
 def test_namespaced_documents() -> None:
     default = GOOD.replace("<annotation>", '<annotation xmlns="http://example.org/voc">')
     assert parse_voc(default.encode()).objects[0].name == "RBC"
-    prefixed = GOOD.replace("<annotation>", '<v:annotation xmlns:v="urn:voc">').replace("</annotation>", "</v:annotation>")
+    prefixed = (GOOD.replace("<annotation>", '<v:annotation xmlns:v="urn:voc">')
+                .replace("</annotation>", "</v:annotation>"))
     assert parse_voc(prefixed.encode()).filename == "a.jpg"
 
 

@@ -14,7 +14,6 @@ from typing import IO
 
 from trainer import __version__
 
-
 # (category name, the annotation's JSON text from "bbox" to the closing brace)
 AnnotationRow = tuple[str, str]
 

@@ -258,6 +258,8 @@ def _parse_object(element: ET.Element, problems: list[tuple[str, str]]) -> VocOb
         problems.append(("bad_coordinate", f"a {label!r} box with a missing or non-numeric coordinate "
                                            f"(xmin={xmin!r}, ymin={ymin!r}, xmax={xmax!r}, ymax={ymax!r}) was dropped"))
         return None
-    d = 0 if difficult is None or difficult == "0" else 1 if difficult == "1" else _flag(difficult, "difficult", problems)
-    t = 0 if truncated is None or truncated == "0" else 1 if truncated == "1" else _flag(truncated, "truncated", problems)
+    d = (0 if difficult is None or difficult == "0" else 1 if difficult == "1"
+         else _flag(difficult, "difficult", problems))
+    t = (0 if truncated is None or truncated == "0" else 1 if truncated == "1"
+         else _flag(truncated, "truncated", problems))
     return VocObject(label, x0, y0, x1, y1, d, t)

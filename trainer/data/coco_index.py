@@ -11,7 +11,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -91,7 +91,7 @@ def _short(value: object) -> str:
 class _Repairs:
     """What was repaired, by kind: counted, with the first example, and logged as one warning per kind."""
 
-    MEANING = {
+    MEANING: ClassVar[dict[str, str]] = {
         "missing_id": "had no integer 'id' and were given one",
         "duplicate_id": "repeated another annotation's id and were renumbered",
         "invalid_bbox": "had a bbox that is not 4 finite numbers and were dropped",

@@ -172,7 +172,8 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
         last_error: Exception | None = None
         for attempt in range(self.max_substitutes + 1):
             current = (index + attempt) % len(self)
-            data, seconds, hit = fetched.pop(current, None) or self._fetch(current)
+            prefetched = fetched.pop(current, None)
+            data, seconds, hit = prefetched or self._fetch(current)
             uri = self.uri(current)
             try:
                 if isinstance(data, Exception):

@@ -49,5 +49,6 @@ def _decode_png(data: bytes) -> torch.Tensor:
             else:
                 array = np.asarray(oriented.convert("RGB"))
     except (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
-        raise DecodeError(f"cannot decode image ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from exc
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DecodeError(f"cannot decode image ({detail})") from exc
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()

@@ -83,5 +83,5 @@ def channel_stats(dataset: CocoDetection, workers: int = 2) -> ChannelStats:
         variance = (q * pixels - s * s) / (pixels * pixels)
         means.append(mean / 255)
         stds.append(max(variance, 0.0) ** 0.5 / 255)
-    return ChannelStats(len(dataset) - len(skipped), pixels, tuple(means), tuple(stds),  # type: ignore[arg-type]
+    return ChannelStats(len(dataset) - len(skipped), pixels, tuple(means), tuple(stds),
                         tuple(skipped))

@@ -72,7 +72,7 @@ def cmd_cp(args: argparse.Namespace) -> int:
     else:
         if storage.is_dir(src) and not storage.exists(src):
             raise storage.StorageError(src, "is a directory or prefix; use --recursive to copy what it holds")
-        if dst.endswith(("/", os.sep)) or storage.is_dir(dst) and not storage.is_s3(dst):
+        if dst.endswith(("/", os.sep)) or (storage.is_dir(dst) and not storage.is_s3(dst)):
             dst = storage.join(dst, storage.basename(src))
         started = time.perf_counter()
         size = storage.copy(src, dst)
@@ -128,7 +128,8 @@ def previous_conversion(report_uri: str, splits: list[str] | None) -> str | None
     if not wanted or not all(isinstance(uri, str) and storage.exists(uri) for uri in outputs):
         log.info("convert: %s lacks an output for splits %s; converting again", report_uri, ",".join(wanted))
         return None
-    return f"{report_uri} records a successful conversion and {', '.join(outputs)} exist (drop --skip-if-done to redo it)"
+    return (f"{report_uri} records a successful conversion and {', '.join(str(uri) for uri in outputs)} exist "
+            "(drop --skip-if-done to redo it)")
 
 
 def _dataset(args: argparse.Namespace, transforms: Any = None) -> CocoDetection:
@@ -239,7 +240,7 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
     latest = read_latest(root)
     scored = [(c.metric, c.step) for c in found if c.committed and c.metric is not None]
     best = max(scored)[1] if scored else None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for item in found:
         verified: bool | None = False if item.problem else None
         if args.verify and item.committed:
@@ -250,9 +251,10 @@ def cmd_ckpt_ls(args: argparse.Namespace) -> int:
                 log.error("CORRUPT: %s", exc)
                 verified = False
         flags = [name for name, on in (("latest", item.uri == latest), ("best", item.step == best)) if on]
-        rows.append({"step": item.step, "epoch": item.epoch + 1 if item.epoch is not None else None, "size": item.size, "metric": item.metric,
-                     "created": item.created, "committed": item.committed, "verified": verified, "flags": flags,
-                     "uri": item.uri, "problem": item.problem})
+        rows.append({"step": item.step, "epoch": item.epoch + 1 if item.epoch is not None else None,
+                     "size": item.size, "metric": item.metric, "created": item.created,
+                     "committed": item.committed, "verified": verified, "flags": flags, "uri": item.uri,
+                     "problem": item.problem})
     healthy = all(row["verified"] is not False for row in rows)  # exit 1 when any checkpoint is CORRUPT
     if args.json:
         for row in rows:

@@ -15,8 +15,8 @@ import math
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import yaml
@@ -212,7 +212,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if value is None:
             return None
         return _coerce(value, options[0], key, source)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if not isinstance(value, dict):
             raise fail(f"a mapping of {tp.__name__} keys")
         return _build(tp, value, key, source)

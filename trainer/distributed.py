@@ -13,7 +13,7 @@ import datetime
 import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ class DistEnv:
     local_world_size: int = 1
     restart_count: int = 0
     backend: str | None = None  # None: single process, no group
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:

@@ -32,11 +32,11 @@ from trainer.data.loader import build_loader
 from trainer.data.sampler import ResumableDistributedBatchSampler
 from trainer.data.transforms import build_transforms
 from trainer.distributed import DistEnv
+from trainer.drawing import draw_detections, encode_png
 from trainer.engine import predict_batches, to_device
 from trainer.errors import InputError
 from trainer.evaluation import DistributedEvaluator, EvalResult, load_ground_truth
 from trainer.models import build_model
-from trainer.drawing import draw_detections, encode_png
 from trainer.weights import WEIGHTS_FORMAT, read_weights_or_checkpoint, state_dict_of
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,11 @@ def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: Di
             raise EvaluationStopped(f"the evaluation on {split.coco} was stopped")
     if before_gather is not None:
         before_gather()
-    gt = load_ground_truth(index.document) if env.is_main else None  # type: ignore[arg-type]
-    return evaluator.finish(env, gt)  # type: ignore[arg-type]
+    gt = None
+    if env.is_main:
+        assert index.document is not None  # loaded above with keep_document=True
+        gt = load_ground_truth(index.document)
+    return evaluator.finish(env, gt)
 
 
 class EvaluationStopped(Exception):

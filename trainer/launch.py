@@ -37,8 +37,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from trainer.errors import first_line
-from trainer.watchdog import enable_hang_watchdog
 from trainer.exit_codes import DESCRIPTIONS, EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED
+from trainer.watchdog import enable_hang_watchdog
 
 log = logging.getLogger("trainer.launch")
 

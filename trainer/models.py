@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import itertools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -240,11 +241,11 @@ def backbone_stages(model: nn.Module, model_name: str) -> list[list[str]]:
         blocks = list(backbone.body.named_children())
         starts = [0] + [i for i, (_, b) in enumerate(blocks) if getattr(b, "_is_cn", False)] + [len(blocks) - 1]
         ends = starts[1:] + [len(blocks)]
-        return [[f"backbone.body.{blocks[i][0]}." for i in range(s, e)] for s, e in zip(starts, ends)]
+        return [[f"backbone.body.{blocks[i][0]}." for i in range(s, e)] for s, e in zip(starts, ends, strict=True)]
     if family == "vgg":
         features = backbone.features
         starts = [0] + [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)] + [len(features)]
-        stages = [[f"backbone.features.{i}." for i in range(s, e)] for s, e in zip(starts, starts[1:])]
+        stages = [[f"backbone.features.{i}." for i in range(s, e)] for s, e in itertools.pairwise(starts)]
         conv5 = len(backbone.extra[0]) - 1  # pool4, conv5_1..conv5_3 with their ReLUs, then the fc6/fc7 block
         return stages + [[f"backbone.extra.0.{j}." for j in range(conv5)]]
     if family == "ssdlite":
@@ -261,7 +262,7 @@ def backbone_stages(model: nn.Module, model_name: str) -> list[list[str]]:
         last = c4 + len(tail) - 1
         starts = [0] + [i for i in range(c4) if getattr(head[i], "_is_cn", False)] + [c4, last]
         ends = starts[1:] + [last + 1]
-        return [[p for i in range(s, e) for p in prefixes(i)] for s, e in zip(starts, ends)]
+        return [[p for i in range(s, e) for p in prefixes(i)] for s, e in zip(starts, ends, strict=True)]
     raise AssertionError(f"unknown backbone family {family}")
 
 

@@ -107,7 +107,7 @@ class ProgressLine:
 
 
 def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
@@ -182,7 +182,8 @@ def format_checkpoint(uri: str, megabytes: float, seconds: float) -> str:
     return f"checkpoint committed: {uri} ({megabytes:.1f} MB in {seconds:.1f} s)"
 
 
-_CHECKPOINT = re.compile(r"checkpoint committed: (?P<uri>\S*step-(?P<step>\d+)) \((?P<mb>[\d.]+) MB in (?P<s>[\d.]+) s\)")
+_CHECKPOINT = re.compile(
+    r"checkpoint committed: (?P<uri>\S*step-(?P<step>\d+)) \((?P<mb>[\d.]+) MB in (?P<s>[\d.]+) s\)")
 
 
 def parse_checkpoint(text: str) -> CheckpointLine | None:

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     prefetch = start_prefetch(config)
 
-    import torch  # noqa: PLC0415 - imported after the prefetch has started, on purpose (see the docstring)
+    import torch
 
     from trainer.distributed import init_distributed
     from trainer.engine import NonFiniteLossError

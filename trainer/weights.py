@@ -167,7 +167,7 @@ def _fetch(uri: str) -> tuple[bytes, str]:
 def _fetch_https(uri: str) -> bytes:
     request = urllib.request.Request(uri, headers={"User-Agent": "detection-trainer"})
     try:
-        with urllib.request.urlopen(request, timeout=HTTPS_TIMEOUT_S) as response:  # noqa: S310 - https only
+        with urllib.request.urlopen(request, timeout=HTTPS_TIMEOUT_S) as response:
             return response.read()
     except urllib.error.HTTPError as exc:
         raise InputError(f"cannot load weights from {uri}: HTTP {exc.code} {exc.reason}") from exc
@@ -253,8 +253,8 @@ class NonFiniteWeightsError(InputError):
 
 def check_finite(uri: str, state: Mapping[str, torch.Tensor]) -> None:
     """Refuse a state dict with any NaN/inf value, naming how many tensors and the first one."""
-    bad = [name for name, tensor in state.items()
-           if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad = [name for name, tensor in state.items() if isinstance(tensor, torch.Tensor)
+           and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     if bad:
         raise NonFiniteWeightsError(f"{uri}: not written: {len(bad)} of {len(state)} weight tensors hold NaN or "
                                     f"infinity (first: {bad[0]}); the training diverged")

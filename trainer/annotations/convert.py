@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trainer import storage
-from trainer.errors import InputError
 from trainer.annotations.coco import AnnotationRow, ImageEntry, write_coco
 from trainer.annotations.image_size import header_size
 from trainer.annotations.voc import VocError, VocObject, normalise_name, parse_voc
+from trainer.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +413,7 @@ def _list_voc_tree(options: ConvertOptions) -> _VocTree:
     return _VocTree(ann_dir, xmls, images, by_stem, splits)
 
 
-def _keep_annotated(parsed_list: list[Parsed], tree: _VocTree, options: ConvertOptions, problems: _Problems,
+def _keep_annotated(parsed_list: Iterable[Parsed], tree: _VocTree, options: ConvertOptions, problems: _Problems,
                     rules: BoxRules) -> dict[str, tuple[Parsed, str]]:
     """xml stem -> (parsed, image file) for every usable annotation, with its image size. Resolved in sorted
     order: the first XML naming an image keeps it."""

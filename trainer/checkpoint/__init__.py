@@ -14,11 +14,29 @@ The package keeps mechanism, state and policy apart:
 """
 
 from trainer.checkpoint.commit import CheckpointWriter, CommitResult, Snapshot, cpu_copy
-from trainer.checkpoint.layout import (FORMAT, LATEST, MANIFEST, STEP_DIR, CheckpointCheck, CheckpointError,
-                                       checkpoints_uri, step_dir_name)
-from trainer.checkpoint.store import (CheckpointInfo, LatestPrefetch, LoadedCheckpoint, Prefetched,
-                                      fetch_verified, find_resumable, list_checkpoints, load_checkpoint,
-                                      read_latest, read_manifest, resolve)
+from trainer.checkpoint.layout import (
+                                       FORMAT,
+                                       LATEST,
+                                       MANIFEST,
+                                       STEP_DIR,
+                                       CheckpointCheck,
+                                       CheckpointError,
+                                       checkpoints_uri,
+                                       step_dir_name,
+)
+from trainer.checkpoint.store import (
+                                       CheckpointInfo,
+                                       LatestPrefetch,
+                                       LoadedCheckpoint,
+                                       Prefetched,
+                                       fetch_verified,
+                                       find_resumable,
+                                       list_checkpoints,
+                                       load_checkpoint,
+                                       read_latest,
+                                       read_manifest,
+                                       resolve,
+)
 
 __all__ = [
     "FORMAT", "LATEST", "MANIFEST", "STEP_DIR", "CheckpointCheck", "CheckpointError", "CheckpointInfo",

@@ -11,7 +11,7 @@ from trainer import storage
 from trainer.errors import InputError
 
 if TYPE_CHECKING:
-    from trainer.checkpoint.store import LoadedCheckpoint  # noqa: F401 - named in a string annotation
+    from trainer.checkpoint.store import LoadedCheckpoint
 
 FORMAT = "detection-trainer/checkpoint-1"
 LATEST = "latest.json"
@@ -23,8 +23,9 @@ class CheckpointError(InputError):
     """A checkpoint that cannot be used: missing, partial, corrupt or not a checkpoint of ours."""
 
 
-# Raises CheckpointError when a loaded checkpoint lacks what its user needs (resume, export).
-CheckpointCheck = Callable[["LoadedCheckpoint"], None]
+# Raises CheckpointError when a loaded checkpoint lacks what its user needs (resume, export); what it returns
+# is ignored.
+CheckpointCheck = Callable[["LoadedCheckpoint"], object]
 
 
 def step_dir_name(step: int) -> str:

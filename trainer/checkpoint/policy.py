@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from trainer.checkpoint.commit import CheckpointWriter
 from trainer.checkpoint.layout import CheckpointError, checkpoints_uri
@@ -40,7 +41,8 @@ class Checkpointing:
                  index: CocoIndex, lease: RunLease | None, watchdog: ProgressWatchdog) -> None:
         self.config, self.env, self.t, self.stop, self.lease = config, env, trainables, stop, lease
         self.watchdog = watchdog
-        self.classes = {"category_ids": list(index.category_ids), "category_names": list(index.category_names)}
+        self.classes: dict[str, list[Any]] = {"category_ids": list(index.category_ids),
+                                              "category_names": list(index.category_names)}
         self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last,
                                        fence=lease.fence if lease else None) if env.is_main else None
         self.last_save = time.monotonic()

@@ -21,8 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import storage
-from trainer.checkpoint.layout import (LATEST, MANIFEST, STEP_DIR, CheckpointCheck, CheckpointError, FORMAT,
-                                       checkpoints_uri, step_dir_name)
+from trainer.checkpoint.layout import (
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    STEP_DIR,
+    CheckpointCheck,
+    CheckpointError,
+    checkpoints_uri,
+    step_dir_name,
+)
 
 log = logging.getLogger("trainer.checkpoint")
 

@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv tools demo lint test bench clean
+.PHONY: venv tools bench-tools demo lint test bench clean
 
 venv:
 	@scripts/bootstrap.sh
@@ -22,8 +22,13 @@ lint: venv
 test: venv tools lint
 	$(PY) -m pytest
 
-bench: venv
+# nginx for the S3 rows of the loader bench (bench/_static_s3.py); Debian, as root
+bench-tools:
+	@scripts/bench-tools.sh
+
+bench: venv bench-tools
 	$(PY) bench/storage.py
+	$(PY) bench/dataloader.py
 
 clean:
 	rm -rf $(VENV) .tools demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -145,6 +145,8 @@ class TrainConfig:
 class EvalConfig:
     every_epochs: int = 1  # evaluate every N epochs and after the last one; 0: never
     metric: str = "AP"  # decides the best model (model_best.pt) and the best checkpoint
+    patience: int = 0  # stop after this many evaluations without eval.metric rising by more than min_delta; 0: off
+    min_delta: float = 0.0  # how much eval.metric must rise to count as an improvement for patience
 
 
 @dataclass
@@ -508,6 +510,9 @@ def _validate_run_outputs(config: Config, check: Check) -> None:
     check(config.eval.metric in EVAL_METRICS, "eval.metric",
           f"unknown metric {config.eval.metric!r}; choose one of {', '.join(EVAL_METRICS)}")
     check(config.eval.every_epochs >= 0, "eval.every_epochs", "must be 0 (never) or more")
+    check(config.eval.patience >= 0, "eval.patience", f"must be 0 (off) or more, got {config.eval.patience}")
+    check(0 <= config.eval.min_delta <= 1, "eval.min_delta", f"must be in [0, 1] (COCO metrics are 0..1), "
+          f"got {config.eval.min_delta}")
     check(config.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be 0 (off) or more")
     check(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be 0 (off) or more")
     check(config.checkpoint.grace_seconds > 0, "checkpoint.grace_seconds", "must be > 0")

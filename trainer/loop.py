@@ -50,11 +50,13 @@ def train_epochs(run: Run) -> int:
         try:
             metric = evaluate_epoch(run, epoch) if run.evaluates_after(epoch) else None
         except EvaluationStopped:
-            run.checkpointing.save_before_evaluation(epoch, run.best)
+            run.checkpointing.save_before_evaluation(epoch)
             return preempted(run)
-        last = epoch + 1 == run.config.schedule.epochs
-        if not run.checkpointing.after_epoch(epoch, run.best, metric, last):
+        last = epoch + 1 == run.config.schedule.epochs or run.stops_early()
+        if not run.checkpointing.after_epoch(epoch, metric, last):
             return preempted(run)
+        if last:
+            break
     return finish(run)
 
 
@@ -72,7 +74,7 @@ def run_epoch(run: Run, epoch: int) -> bool:
             continue
         if run.trainables.state.step % run.config.log.every_steps == 0 or index + 1 == batches:
             report_progress(run, epoch, outcome, len(images))
-        if not run.checkpointing.after_step(epoch, index + 1, epoch_end=index + 1 == batches, best=run.best):
+        if not run.checkpointing.after_step(epoch, index + 1, epoch_end=index + 1 == batches):
             return False
     run.clock.set(epoch + 1, 0)
     return True
@@ -114,8 +116,8 @@ def report_progress(run: Run, epoch: int, outcome: StepOutcome, batch_images: in
 
 
 def evaluate_epoch(run: Run, epoch: int) -> float | None:
-    """This epoch's evaluation: its metric (None without a result), logged; ``run.best`` and ``model_best.pt``
-    follow an improvement.
+    """This epoch's evaluation: its metric (None without a result), logged, and added to ``run.record`` (the best
+    so far, which ``model_best.pt`` follows, and the count ``eval.patience`` watches).
 
     A stop request is agreed after every batch (so a long evaluation never outlasts the grace period); the
     watchdog is re-armed per batch and paused while rank 0 runs COCOeval.
@@ -143,17 +145,18 @@ def evaluate_epoch(run: Run, epoch: int) -> float | None:
     metric: float | None = None
     if result is not None:
         metric = result.stats[config.eval.metric]
-        improved = run.best is None or metric > run.best
-        run.best = metric if improved else run.best
+        improved = run.record.add(metric, config.eval.min_delta)
         note = f"best {config.eval.metric} so far" if improved else f"best {config.eval.metric} {run.best:.4f}"
         log.info("%s", format_eval(epoch + 1, result.stats, note, result.per_class))
         run.run_log.eval({"epoch": epoch + 1, "step": run.trainables.state.step, **result.stats,
-                          "per_class_ap": result.per_class, "best": run.best})
+                          "per_class_ap": result.per_class, "best": run.best,
+                          "evals_without_improvement": run.record.stale_evals})
         if improved:
             run.fence()
             save_weights(storage.join(config.run_uri, "model_best.pt"), run.evaluated.state_dict(), config.model,
                          run.data.dataset.index)
-    metric, run.best = broadcast_object(env, (metric, run.best))
+    metric, run.record.best, run.record.stale_evals = broadcast_object(
+        env, (metric, run.record.best, run.record.stale_evals))
     return metric
 
 

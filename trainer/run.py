@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer import storage
 from trainer.checkpoint.policy import Checkpointing, resume_point, start_resume_lookup
-from trainer.checkpoint.state import ResumePoint, Trainables
+from trainer.checkpoint.state import EvalRecord, ResumePoint, Trainables
 from trainer.checkpoint.store import LatestPrefetch
 from trainer.config import Config
 from trainer.data.cache import DiskCache
@@ -53,7 +53,7 @@ class TrainData:
 
 @dataclass
 class Run:
-    """Everything a run holds from start to end; ``best`` and ``pending_eval`` change as it goes."""
+    """Everything a run holds from start to end; ``record`` and ``pending_eval`` change as it goes."""
 
     config: Config
     env: DistEnv
@@ -71,7 +71,7 @@ class Run:
     loader_stats: LoaderStats
     trace: SampleTrace | None
     start_epoch: int
-    best: float | None
+    record: EvalRecord  # best metric and evaluations without improvement: checkpointed, so early stopping resumes
     pending_eval: bool  # resumed from a stop during the start epoch's evaluation: only that is left of it
 
     @property
@@ -88,6 +88,21 @@ class Run:
     def evaluates_after(self, epoch: int) -> bool:
         every, last = self.config.eval.every_epochs, epoch + 1 == self.config.schedule.epochs
         return bool(self.config.data.val.coco) and bool(every) and ((epoch + 1) % every == 0 or last)
+
+    @property
+    def best(self) -> float | None:
+        return self.record.best
+
+    def stops_early(self) -> bool:
+        """``eval.patience`` evaluations in a row without improvement: the run ends after this epoch."""
+        patience = self.config.eval.patience
+        if not self.record.exhausted(patience):
+            return False
+        if self.env.is_main:
+            log.warning("early stopping: %s has not risen by more than eval.min_delta=%g in %d evaluation(s) "
+                        "(eval.patience=%d; best %.4f); ending the run after this epoch", self.config.eval.metric,
+                        self.config.eval.min_delta, self.record.stale_evals, patience, self.record.best or 0.0)
+        return True
 
     def fence(self) -> None:
         """Before rank 0 writes a shared file: still the run's owner (raises LeaseLost otherwise)."""
@@ -215,11 +230,15 @@ def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | N
              trainables: Trainables, clock: SampleClock, autocast_dtype: torch.dtype | None,
              resumed: ResumePoint | None) -> Run:
     """The run at its starting point (a resumed one where its checkpoint left it)."""
-    start_epoch, best = (resumed.epoch, resumed.best) if resumed else (0, None)
+    start_epoch, record = (resumed.epoch, resumed.record) if resumed else (0, EvalRecord())
     pending_eval = resumed.pending_eval if resumed else False
     if start_epoch >= config.schedule.epochs:
         log.info("the checkpoint is from the end of training (%d epochs): nothing left to train",
                  config.schedule.epochs)
+    elif record.exhausted(config.eval.patience) and not pending_eval:
+        log.info("the checkpoint is from a run that stopped early (%d evaluations without improvement, "
+                 "eval.patience=%d): nothing left to train", record.stale_evals, config.eval.patience)
+        start_epoch = config.schedule.epochs
     model = trainables.model
     ddp = model
     if env.distributed:
@@ -228,9 +247,9 @@ def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | N
     if resumed:
         run_log.forget_after(resumed.step)  # steps after the checkpoint are about to be redone
     watchdog = ProgressWatchdog(config.train.hang_timeout_seconds, env.rank)
-    checkpointing = Checkpointing(config, env, trainables, stop, data.dataset.index, lease, watchdog)
+    checkpointing = Checkpointing(config, env, trainables, record, stop, data.dataset.index, lease, watchdog)
     trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None
     position = data.sampler.state_dict()["position"] if resumed and not pending_eval else 0
     clock.set(start_epoch + pending_eval, position)
     return Run(config, env, stop, lease, data, trainables, ddp, autocast_dtype, clock, ProgressMeter(clock.done),
-               checkpointing, watchdog, run_log, LoaderStats(), trace, start_epoch, best, pending_eval)
+               checkpointing, watchdog, run_log, LoaderStats(), trace, start_epoch, record, pending_eval)

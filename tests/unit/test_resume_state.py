@@ -1,4 +1,5 @@
-"""trainer.checkpoint.state: RNG states round-trip through a weights_only checkpoint; config changes are classified."""
+"""trainer.checkpoint.state: RNG states round-trip through a weights_only checkpoint; config changes are classified;
+the evaluation record (best metric, early-stopping count) is kept and checked."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import LoadedCheckpoint
-from trainer.checkpoint.state import check_config, config_changes, rng_state, set_rng_state
+from trainer.checkpoint import CheckpointError, LoadedCheckpoint
+from trainer.checkpoint.state import EvalRecord, check_config, check_resumable, config_changes, rng_state, set_rng_state
 from trainer.config import ConfigError, load_config
 
 DATA = ["data.train.coco=/d/train.json", "data.train.images=/d/images"]
@@ -55,3 +56,30 @@ def test_model_optimizer_and_data_changes_need_force(change: str) -> None:
 
 def test_config_changes_lists_nested_keys() -> None:
     assert config_changes({"a": {"b": 1, "c": [1]}, "d": 2}, {"a": {"b": 2, "c": [1]}, "e": 3}) == ["a.b", "d", "e"]
+
+
+def test_eval_record_counts_evaluations_without_a_significant_rise() -> None:
+    """eval.patience counts evaluations since the metric last rose by more than min_delta; model_best.pt still
+    follows any rise, and a run of small rises does not reset the count."""
+    record = EvalRecord()
+    seen = [(record.add(metric, min_delta=0.01), record.stale_evals) for metric in (0.30, 0.305, 0.309, 0.40, 0.39)]
+    assert seen == [(True, 0), (True, 1), (True, 2), (True, 0), (False, 1)]
+    assert record.best == 0.40
+    assert not record.exhausted(0) and not record.exhausted(2) and record.exhausted(1)
+
+
+def _resumable_checkpoint(**state: object) -> LoadedCheckpoint:
+    base = {"step": 10, "epoch": 1, "epoch_done": True, "loop": {}, "config": {"train": {"seed": 0}}}
+    objects = {"model": {"model": {"w": torch.zeros(1)}}, "optimizer": {"optimizer": {}, "scheduler": {}},
+               "rng": {"world_size": 1, "ranks": [{}]}}
+    return LoadedCheckpoint("runs/x/checkpoints/step-000000010", 10, 1, {**base, **state}, objects, None)
+
+
+@pytest.mark.parametrize("state", [{"best": "0.5"}, {"best": float("nan")}, {"best": True},
+                                   {"stale_evals": -1}, {"stale_evals": 1.5}, {"stale_evals": "2"}])
+def test_a_damaged_evaluation_record_makes_the_checkpoint_corrupt(state: dict[str, object]) -> None:
+    """A tampered best metric or early-stopping count is refused before the resume (the previous checkpoint is
+    used), instead of failing a comparison epochs later."""
+    check_resumable(_resumable_checkpoint())  # the undamaged shape passes
+    with pytest.raises(CheckpointError, match=r"best|stale_evals"):
+        check_resumable(_resumable_checkpoint(**state))

@@ -17,7 +17,15 @@ from typing import Any
 
 from trainer.checkpoint.commit import CheckpointWriter
 from trainer.checkpoint.layout import CheckpointError, checkpoints_uri
-from trainer.checkpoint.state import ResumePoint, Trainables, check_config, check_resumable, restore, take_snapshot
+from trainer.checkpoint.state import (
+    EvalRecord,
+    ResumePoint,
+    Trainables,
+    check_config,
+    check_resumable,
+    restore,
+    take_snapshot,
+)
 from trainer.checkpoint.store import LatestPrefetch, LoadedCheckpoint, find_resumable, load_checkpoint, resolve
 from trainer.config import Config
 from trainer.data.coco_index import CocoIndex
@@ -37,10 +45,10 @@ class Checkpointing:
     committed and the caller ends the run as preempted.
     """
 
-    def __init__(self, config: Config, env: DistEnv, trainables: Trainables, stop: StopSignal,
+    def __init__(self, config: Config, env: DistEnv, trainables: Trainables, record: EvalRecord, stop: StopSignal,
                  index: CocoIndex, lease: RunLease | None, watchdog: ProgressWatchdog) -> None:
         self.config, self.env, self.t, self.stop, self.lease = config, env, trainables, stop, lease
-        self.watchdog = watchdog
+        self.record, self.watchdog = record, watchdog  # the run's evaluation history: saved with every checkpoint
         self.classes: dict[str, list[Any]] = {"category_ids": list(index.category_ids),
                                               "category_names": list(index.category_names)}
         self.writer = CheckpointWriter(config.run_uri, config.checkpoint.keep_last,
@@ -64,40 +72,38 @@ class Checkpointing:
     def stop_agreed(self) -> bool:
         return self.agreed_flags()[1]
 
-    def after_step(self, epoch: int, consumed_batches: int, epoch_end: bool, best: float | None) -> bool:
+    def after_step(self, epoch: int, consumed_batches: int, epoch_end: bool) -> bool:
         """Save if due after this optimizer step (at an epoch's end: after its evaluation, unless stopping)."""
         timed, stop = self.agreed_flags()
         every = self.config.checkpoint.every_steps
         save = (bool(every) and self.t.state.step % every == 0) or timed or stop
         self.due_at_epoch_end = save and epoch_end
         if stop and epoch_end:
-            self.save_before_evaluation(epoch, best)
+            self.save_before_evaluation(epoch)
         elif save and not epoch_end:
-            self.save(epoch=epoch, epoch_done=False, consumed_batches=consumed_batches, best=best, metric=None,
-                      wait=stop)
+            self.save(epoch=epoch, epoch_done=False, consumed_batches=consumed_batches, metric=None, wait=stop)
         return not stop
 
-    def after_epoch(self, epoch: int, best: float | None, metric: float | None, last: bool) -> bool:
+    def after_epoch(self, epoch: int, metric: float | None, last: bool) -> bool:
         """The end-of-epoch save (every epoch if asked, when one fell due at its last step, at the end of training,
         on a stop); False when a stop was agreed before the last epoch."""
         stop = self.stop_agreed()
         if self.config.checkpoint.every_epoch or self.due_at_epoch_end or last or stop:
-            self.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=metric, wait=last or stop)
+            self.save(epoch=epoch, epoch_done=True, consumed_batches=0, metric=metric, wait=last or stop)
         self.due_at_epoch_end = False
         return last or not stop
 
-    def save_before_evaluation(self, epoch: int, best: float | None) -> None:
+    def save_before_evaluation(self, epoch: int) -> None:
         """A stop after an epoch's training but before its evaluation finished: the resume evaluates it first."""
-        self.save(epoch=epoch, epoch_done=True, consumed_batches=0, best=best, metric=None, wait=True,
-                  eval_pending=True)
+        self.save(epoch=epoch, epoch_done=True, consumed_batches=0, metric=None, wait=True, eval_pending=True)
 
-    def save(self, *, epoch: int, epoch_done: bool, consumed_batches: int, best: float | None,
-             metric: float | None, wait: bool = False, eval_pending: bool = False) -> None:
+    def save(self, *, epoch: int, epoch_done: bool, consumed_batches: int, metric: float | None,
+             wait: bool = False, eval_pending: bool = False) -> None:
         """Snapshot now (every rank), upload in the background (rank 0); ``wait`` for the commit."""
         self.watchdog.pause()
         started = time.perf_counter()
         snapshot = take_snapshot(self.t, self.env, self.config, epoch=epoch, epoch_done=epoch_done,
-                                 consumed_batches=consumed_batches, best=best, metric=metric,
+                                 consumed_batches=consumed_batches, record=self.record, metric=metric,
                                  classes=self.classes, eval_pending=eval_pending)
         if self.writer is not None and snapshot is not None:
             self.writer.submit(snapshot)

@@ -10,6 +10,7 @@ streams restart from the seed.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -47,9 +48,30 @@ class Trainables:
 
 
 @dataclass
+class EvalRecord:
+    """The run's evaluation history that a checkpoint keeps: the best ``eval.metric`` so far, and the evaluations
+    since it last rose by more than ``eval.min_delta`` (what ``eval.patience`` counts)."""
+
+    best: float | None = None
+    stale_evals: int = 0
+
+    def add(self, metric: float, min_delta: float) -> bool:
+        """Record one evaluation; True when it is the best so far (it becomes model_best.pt)."""
+        significant = self.best is None or metric > self.best + min_delta
+        self.stale_evals = 0 if significant else self.stale_evals + 1
+        improved = self.best is None or metric > self.best
+        self.best = metric if improved else self.best
+        return improved
+
+    def exhausted(self, patience: int) -> bool:
+        """Early stopping is due (``patience`` 0: never)."""
+        return patience > 0 and self.stale_evals >= patience
+
+
+@dataclass
 class ResumePoint:
     epoch: int  # the epoch to run next (its sampler already positioned)
-    best: float | None
+    record: EvalRecord
     step: int
     pending_eval: bool = False  # stopped during this epoch's evaluation: evaluate it before anything else
 
@@ -80,7 +102,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------ saving
 def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, epoch_done: bool,
-                  consumed_batches: int, best: float | None, metric: float | None,
+                  consumed_batches: int, record: EvalRecord, metric: float | None,
                   classes: dict[str, list[Any]] | None = None, eval_pending: bool = False) -> Snapshot | None:
     """A CPU copy of the whole training state (a collective: every rank calls it at the same step; rank 0 gets
     the snapshot, the others None)."""
@@ -97,7 +119,8 @@ def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, ep
         "step": t.state.step, "epoch": epoch, "epoch_done": epoch_done, "eval_pending": eval_pending,
         "loop": {k: v for k, v in asdict(t.state).items() if k != "history"},
         "sampler": t.sampler.state_dict(consumed_batches=consumed_batches) if not epoch_done else None,
-        "best": best, "metric": metric, "world_size": env.world_size, "classes": classes,
+        "best": record.best, "stale_evals": record.stale_evals, "metric": metric, "world_size": env.world_size,
+        "classes": classes,
         "config": config.to_dict(), "config_digest": config.digest(),
         "versions": {"trainer": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     }
@@ -145,6 +168,11 @@ def _shape_problem(checkpoint: LoadedCheckpoint) -> str | None:
     for key, kind in (("step", int), ("epoch", int), ("epoch_done", bool), ("loop", dict), ("config", dict)):
         if not isinstance(state.get(key), kind) or (kind is int and isinstance(state.get(key), bool)):
             return f"state.json: '{key}' is {state.get(key)!r}"
+    best, stale = state.get("best"), state.get("stale_evals", 0)
+    if best is not None and not (isinstance(best, int | float) and not isinstance(best, bool) and math.isfinite(best)):
+        return f"state.json: 'best' is {best!r}, not a finite number"
+    if not isinstance(stale, int) or isinstance(stale, bool) or stale < 0:
+        return f"state.json: 'stale_evals' is {stale!r}, not a count"
     if not state["epoch_done"] and not isinstance(state.get("sampler"), dict):
         return "state.json: a mid-epoch checkpoint without its data position ('sampler')"
     if not isinstance(state["config"].get("train"), dict) or not isinstance(state["config"]["train"].get("seed"),
@@ -213,4 +241,5 @@ def restore(t: Trainables, checkpoint: LoadedCheckpoint, env: DistEnv) -> Resume
              f"start of epoch {epoch + 1}" if state["epoch_done"] else
              f"epoch {epoch + 1}, {t.sampler.state_dict()['position']} samples into it")
     log.info("resumed from %s: step %d, %s (%s)", checkpoint.uri, t.state.step, where, same)
-    return ResumePoint(epoch, state.get("best"), t.state.step, pending_eval)
+    record = EvalRecord(state.get("best"), int(state.get("stale_evals", 0)))  # absent: a checkpoint from before
+    return ResumePoint(epoch, record, t.state.step, pending_eval)

@@ -6,7 +6,11 @@ Cases (each run ``--repeats`` times, median reported):
   * 2,000 objects of 100 KB: ``storage.copy_many`` (parallel) vs a sequential per-object loop, both with
     boto3's ``upload_file``/``download_file`` and with ``put_object``/``get_object`` (the faster naive loop);
   * the small-object case again through the fault proxy adding ``--latency-ms`` per request, which is closer
-    to a real object store than a loopback server answering in about a millisecond.
+    to a real object store than a loopback server answering in about a millisecond;
+  * client CPU ms per GET: 100 KB objects read by 16 threads, CPU time of this process (getrusage RUSAGE_SELF:
+    the S3 server runs in its own process) per object, ``storage.read_bytes`` (the fast client, see
+    trainer/s3_fast.py) against boto3's ``get_object`` with a pool large enough for 16 threads; the storage layer
+    forced onto boto3 (``TRAINER_S3_CLIENT=boto3``) is shown beside them. The ratio is ours / boto3: lower is better.
 
 Everything runs against a local moto server on 127.0.0.1 (and the proxy in its own process): nothing leaves
 the machine. Run: ``make bench`` or ``.venv/bin/python bench/storage.py [--quick] [--json out.json]``.
@@ -17,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,7 @@ sys.path.insert(0, str(REPO))
 import boto3  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
-from trainer import storage  # noqa: E402
+from trainer import s3_fast, storage  # noqa: E402
 from trainer.local_s3 import LocalS3Server  # noqa: E402
 
 MB = 1_000_000
@@ -149,6 +155,73 @@ class Bench:
                 f.unlink()
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuPerGet:
+    """Client CPU per GET of small objects read by many threads: the cost a GPU node pays per image."""
+
+    def __init__(self, bench: Bench, count: int, size: int, threads: int = 16) -> None:
+        self.bench, self.threads = bench, threads
+        self.keys = [f"cpu/{i:05d}.bin" for i in range(count)]
+        self.size = size
+        # The baseline: boto3 get_object with a connection pool that fits the threads (the default 10 would
+        # reconnect and charge boto3 for it).
+        self.client = boto3.client("s3", endpoint_url=bench.endpoint,
+                                   config=Config(retries={"mode": "standard"}, max_pool_connections=threads * 2))
+
+    def upload(self) -> None:
+        data = os.urandom(self.size)
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(lambda k: self.client.put_object(Bucket=self.bench.bucket, Key=k, Body=data), self.keys))
+
+    def per_get_ms(self, get: Callable[[str], bytes]) -> float:
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(get, self.keys[:64]))  # warm: connections, the fast client's store
+            start = cpu_seconds()
+            sizes = list(pool.map(lambda k: len(get(k)), self.keys))
+            used = cpu_seconds() - start
+        assert sizes == [self.size] * len(self.keys)
+        return 1000 * used / len(self.keys)
+
+    def ours(self, key: str) -> bytes:
+        return storage.read_bytes(f"s3://{self.bench.bucket}/{key}")
+
+    def boto3_get(self, key: str) -> bytes:
+        body: bytes = self.client.get_object(Bucket=self.bench.bucket, Key=key)["Body"].read()
+        return body
+
+    def on_boto3(self, get: Callable[[str], bytes]) -> float:
+        """``per_get_ms`` with the storage layer forced onto boto3 (TRAINER_S3_CLIENT=boto3)."""
+        os.environ["TRAINER_S3_CLIENT"] = "boto3"
+        try:
+            return self.per_get_ms(get)
+        finally:
+            os.environ.pop("TRAINER_S3_CLIENT", None)
+
+    def run(self) -> None:
+        self.upload()
+        before = s3_fast.requests
+        timings: dict[str, list[float]] = {"ours": [], "boto3": [], "ours-boto3": []}
+        for i in range(self.bench.repeats):
+            order: list[tuple[str, Callable[[], float]]] = [
+                ("ours", lambda: self.per_get_ms(self.ours)), ("boto3", lambda: self.per_get_ms(self.boto3_get)),
+                ("ours-boto3", lambda: self.on_boto3(self.ours))]
+            for name, measure in order if i % 2 == 0 else reversed(order):
+                timings[name].append(measure())
+        ms = {name: statistics.median(values) for name, values in timings.items()}
+        client = "obstore" if s3_fast.requests > before else "boto3"
+        label = f"client CPU ms per GET ({self.size // 1000} KB, {self.threads} threads)"
+        row = {"case": label, "baseline": "boto3 get_object", "client": client, "storage_cpu_ms": ms["ours"],
+               "baseline_cpu_ms": ms["boto3"], "storage_on_boto3_cpu_ms": ms["ours-boto3"],
+               "ratio": ms["ours"] / ms["boto3"]}
+        self.bench.rows.append(row)
+        print(f"  {label:<44} {ms['ours']:9.3f} {ms['boto3']:9.3f} {row['ratio']:7.2f}x   ours ({client}) / "
+              f"boto3 get_object, lower is better; storage on boto3: {ms['ours-boto3']:.3f} ms", flush=True)
+
+
 def start_proxy(upstream: str, latency_ms: float, seconds: float) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.fault_proxy", "--upstream", upstream,
@@ -165,7 +238,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=20.0, help="latency added by the proxy case (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--only", choices=("large", "small", "latency"), help="run one case only")
+    parser.add_argument("--only", choices=("large", "small", "latency", "cpu"), help="run one case only")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     large_size = (32 if args.quick else 256) * 1024 * 1024
@@ -182,6 +255,8 @@ def main() -> int:
             bench.large(large_size)
         if args.only in (None, "small"):
             bench.small(count, size)
+        if args.only in (None, "cpu"):
+            CpuPerGet(bench, 400 if args.quick else 2000, 100_000).run()
         if args.latency_ms > 0 and args.only in (None, "latency"):
             proc, url = start_proxy(f"{server.host}:{server.port}", args.latency_ms, seconds=1800)
             try:

@@ -3,6 +3,12 @@
 Data, checkpoints and run outputs all go through these functions so that atomicity, retries and error messages
 are the same everywhere. S3 settings come from the standard AWS chain (``AWS_ENDPOINT_URL``, ``AWS_REGION``,
 ``AWS_PROFILE``, web-identity tokens, ...), so MinIO, Ceph or AWS work unchanged. No torch imports here.
+
+Two S3 clients, one set of rules: reads (GET and HEAD) go through the fast client of ``trainer.s3_fast`` (obstore,
+about a quarter of boto3's CPU per request) where it can run, everything else through boto3. Both sit under the
+same functions here, so resume, ETag pinning, retries and error messages are written once. Writes, listings,
+deletes and copies stay on boto3: they are not the hot path, and their multipart and conditional forms are tested
+against it. ``TRAINER_S3_CLIENT=boto3`` puts reads back on boto3 (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ import botocore.exceptions as bex
 import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
+
+from trainer import s3_fast
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +151,7 @@ class ObjectInfo:
 
 # --------------------------------------------------------------------------------------------- clients
 _client_lock = threading.Lock()
-_clients: dict[tuple[Any, ...], Any] = {}
+_clients: dict[tuple[Any, ...], tuple[Any, Any]] = {}
 
 # Environment variables that change which endpoint, credentials or retry policy a client uses.
 _CLIENT_ENV = (
@@ -153,19 +161,26 @@ _CLIENT_ENV = (
 )
 
 
+def _client_key() -> tuple[Any, ...]:
+    return (os.getpid(), *(os.environ.get(name) for name in _CLIENT_ENV))
+
+
 def s3_client() -> Any:
     """A thread-safe S3 client for this process and the current AWS settings.
 
     Clients are cached per process id (a forked DataLoader worker must not share its parent's sockets) and per
     AWS environment (a test or a command that switches endpoint gets a fresh client).
     """
-    key = (os.getpid(), *(os.environ.get(name) for name in _CLIENT_ENV))
-    client = _clients.get(key)
-    if client is not None:
-        return client
+    return _client_and_session(_client_key())[0]
+
+
+def _client_and_session(key: tuple[Any, ...]) -> tuple[Any, Any]:
+    found = _clients.get(key)
+    if found is not None:
+        return found
     with _client_lock:  # boto3 sessions are not thread-safe; clients are.
-        client = _clients.get(key)
-        if client is None:
+        found = _clients.get(key)
+        if found is None:
             config = Config(
                 retries={
                     "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -177,11 +192,26 @@ def s3_client() -> Any:
                 tcp_keepalive=True,
             )
             try:
-                client = boto3.session.Session().client("s3", config=config)
+                session = boto3.session.Session()
+                found = (session.client("s3", config=config), session)
             except (bex.BotoCoreError, ValueError) as exc:
                 raise StorageError("s3://", f"cannot configure the S3 client: {exc}") from exc
-            _clients[key] = client
-    return client
+            _clients[key] = found
+    return found
+
+
+def _fast(loc: S3Location) -> tuple[Any, str] | None:
+    """(obstore store, endpoint) when this read goes through the fast client (see trainer/s3_fast.py), else None."""
+    key = _client_key()
+    bucket_key = (*key, loc.bucket)
+    if not s3_fast.enabled(bucket_key):
+        return None
+    client, session = _client_and_session(key)
+    try:
+        return s3_fast.store(bucket_key, loc.bucket, client, session), str(client.meta.endpoint_url)
+    except s3_fast.Refused as exc:
+        s3_fast.prefer_boto3(bucket_key, str(exc))
+        return None
 
 
 def _transfer_config(download: bool = False) -> TransferConfig:
@@ -324,7 +354,7 @@ class _S3RangeReader(io.RawIOBase):
         self._etag: str | None = None
         self.size = -1
         with _errors(self._uri):
-            head = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+            head = _head(loc)
         self.size = int(head["ContentLength"])
         self._etag = head.get("ETag")
 
@@ -382,16 +412,49 @@ class _S3RangeReader(io.RawIOBase):
         super().close()
 
 
-def _get_from(loc: S3Location, uri: str, start: int, etag: str | None) -> dict[str, Any]:
-    """GET the object from byte ``start``; with ``etag``, only if it is still that version (a resumed read must
-    never stitch two versions of an overwritten object together)."""
+def _head(loc: S3Location) -> dict[str, Any]:
+    fast = _fast(loc)
+    refused = None
+    if fast is not None:
+        try:
+            return s3_fast.head(fast[0], loc.key, fast[1])
+        except s3_fast.Refused as exc:  # 404/403/...: boto3's answer is the one users get
+            refused = exc
+    head: dict[str, Any] = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
+    if refused is not None:
+        s3_fast.prefer_boto3((*_client_key(), loc.bucket), str(refused))  # boto3 read what obstore could not
+    return head
+
+
+def _get_from(loc: S3Location, uri: str, start: int, etag: str | None, end: int | None = None) -> dict[str, Any]:
+    """GET the object from byte ``start`` (to ``end``, exclusive); with ``etag``, only if it is still that version
+    (a resumed read must never stitch two versions of an overwritten object together).
+
+    Through the fast client when this process uses it (trainer/s3_fast.py); an answer it does not interpret is
+    asked again of boto3, so errors are boto3's own.
+    """
+    fast = _fast(loc)
+    if fast is not None:
+        try:
+            return s3_fast.get(fast[0], loc.key, fast[1], start, end, etag)
+        except s3_fast.PreconditionLost as exc:
+            raise StorageError(uri, "the object changed while it was being read") from exc
+        except s3_fast.Refused as exc:
+            response = _boto3_get(loc, uri, start, etag, end)
+            s3_fast.prefer_boto3((*_client_key(), loc.bucket), str(exc))  # boto3 read what obstore could not
+            return response
+    return _boto3_get(loc, uri, start, etag, end)
+
+
+def _boto3_get(loc: S3Location, uri: str, start: int, etag: str | None, end: int | None) -> dict[str, Any]:
     args: dict[str, Any] = {"Bucket": loc.bucket, "Key": loc.key}
-    if start:
-        args["Range"] = f"bytes={start}-"
+    if start or end is not None:
+        args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
     if etag:
         args["IfMatch"] = etag
     try:
-        return s3_client().get_object(**args)
+        response: dict[str, Any] = s3_client().get_object(**args)
+        return response
     except bex.ClientError as exc:
         if exc.response.get("Error", {}).get("Code") == "PreconditionFailed":
             raise StorageError(uri, "the object changed while it was being read") from exc
@@ -418,29 +481,38 @@ def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None) -> byt
     """The whole content of a file or object.
 
     ``size_hint`` (e.g. from a manifest) above the multipart threshold fetches an S3 object as parallel ranged
-    GETs (s3transfer, pinned to one ETag), about twice as fast as one stream for large checkpoints.
+    GETs pinned to one ETag, about twice as fast as one stream for large checkpoints.
     """
     text = os.fspath(uri)
     loc = parse(text)
     if isinstance(loc, Path):
         with _errors(text):
             return loc.read_bytes()
-    if size_hint is not None and size_hint > MULTIPART_THRESHOLD:
-        buffer = io.BytesIO()
-        with _errors(text):
-            s3_client().download_fileobj(loc.bucket, loc.key, buffer, Config=_transfer_config(download=True))
-        return buffer.getvalue()
+    with _errors(text):
+        if size_hint is not None and size_hint > MULTIPART_THRESHOLD:
+            if _fast(loc) is None:
+                buffer = io.BytesIO()
+                s3_client().download_fileobj(loc.bucket, loc.key, buffer, Config=_transfer_config(download=True))
+                return buffer.getvalue()
+            return _read_parallel(loc, text)
+        return _read_span(loc, text, 0, None, None)[0]
+
+
+def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str | None) -> tuple[bytes, str, int]:
+    """Bytes ``start``..``end`` (exclusive; None: to the end), the ETag and the object's size; a body cut
+    mid-stream resumes where it stopped, pinned to the first response's ETag."""
     parts: list[bytes] = []
     received = 0
-    etag: str | None = None
     total: int | None = None
+    size = -1
 
     def attempt() -> None:
-        nonlocal received, etag, total
-        response = _get_from(loc, text, received, etag)
+        nonlocal received, etag, total, size
+        response = _get_from(loc, uri, start + received, etag, end)
         etag = etag or response.get("ETag")
         if total is None:
-            total = int(response["ContentLength"])
+            total = received + int(response["ContentLength"])
+            size = _object_size(response, total)
         body = response["Body"]
         try:
             while chunk := body.read(1 << 20):
@@ -451,9 +523,27 @@ def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None) -> byt
         if received < total:
             raise http.client.IncompleteRead(b"", total - received)
 
-    with _errors(text):
-        _retry_stream(text, attempt)
-    return b"".join(parts)
+    _retry_stream(uri, attempt)
+    return b"".join(parts), etag or "", size
+
+
+def _object_size(response: dict[str, Any], fallback: int) -> int:
+    if response.get("Size") is not None:
+        return int(response["Size"])
+    content_range = response.get("ContentRange")
+    return int(str(content_range).rpartition("/")[2]) if content_range else fallback
+
+
+def _read_parallel(loc: S3Location, uri: str) -> bytes:
+    """A large object as 16 MB ranged GETs, 10 at a time, all pinned to the ETag of the first one."""
+    first, etag, size = _read_span(loc, uri, 0, MULTIPART_CHUNK, None)
+    starts = range(len(first), size, MULTIPART_CHUNK)
+    with ThreadPoolExecutor(max_workers=10, thread_name_prefix="storage-get") as pool:
+        rest = list(pool.map(lambda s: _read_span(loc, uri, s, min(size, s + MULTIPART_CHUNK), etag)[0], starts))
+    data = b"".join([first, *rest])
+    if len(data) != size:
+        raise StorageError(uri, f"read {len(data)} bytes of {size}")
+    return data
 
 
 def read_text(uri: str | os.PathLike[str], encoding: str = "utf-8") -> str:

@@ -1,0 +1,166 @@
+"""The fast read client (obstore, trainer/s3_fast.py) against the same moto server: the same bytes and the same
+one-line errors as boto3 (TRAINER_S3_CLIENT=boto3), boto3's credentials chain reaching it, and fork safety.
+
+The existing storage, fault-proxy and error tests cover the read semantics; run them with TRAINER_S3_CLIENT=obstore
+to put every read of theirs on the fast client.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import botocore.credentials
+import pytest
+
+from tests.conftest import REPO, S3Env
+from trainer import s3_fast, storage
+
+MB = 1024 * 1024
+
+
+def _reads_everything(s3: S3Env, big: bytes) -> dict[str, object]:
+    out: dict[str, object] = {"small": storage.read_bytes(s3.uri("small.bin")),
+                              "big": storage.read_bytes(s3.uri("big.bin"), size_hint=len(big))}
+    with storage.open_read(s3.uri("big.bin"), buffer_size=64 * 1024) as stream:
+        stream.seek(17 * MB + 5)
+        out["seek"] = stream.read(100_000)
+    for name, uri in (("missing key", s3.uri("absent.bin")), ("missing bucket", "s3://no-such-bucket-fast/x")):
+        for reader in (storage.read_bytes, storage.open_read):
+            with pytest.raises(storage.StorageError) as info:
+                reader(uri)
+            out[f"{name} {reader.__name__}"] = (type(info.value).__name__, str(info.value))
+    return out
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_both_clients_read_the_same_bytes_and_raise_the_same_errors(s3: S3Env,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    big = os.urandom(40 * MB + 123)  # three ranged parts for the size_hint path
+    storage.write_bytes(s3.uri("big.bin"), big)
+    storage.write_bytes(s3.uri("small.bin"), b"s" * 100_000)
+    results = {}
+    for client in ("obstore", "boto3"):
+        monkeypatch.setenv("TRAINER_S3_CLIENT", client)
+        before = s3_fast.requests
+        results[client] = _reads_everything(s3, big)
+        assert (s3_fast.requests > before) == (client == "obstore"), client
+    assert results["obstore"] == results["boto3"]
+    assert results["obstore"]["big"] == big and results["obstore"]["seek"] == big[17 * MB + 5 : 17 * MB + 100_005]
+    assert results["obstore"]["missing bucket read_bytes"][0] == "BucketNotFound"
+    assert results["obstore"]["missing key read_bytes"][0] == "NotFound"
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+@pytest.mark.parametrize("client", ["obstore", "boto3"])
+def test_an_object_replaced_during_a_read_is_an_error_not_a_mix(s3: S3Env, monkeypatch: pytest.MonkeyPatch,
+                                                                client: str) -> None:
+    monkeypatch.setenv("TRAINER_S3_CLIENT", client)
+    storage.write_bytes(s3.uri("v.bin"), b"1" * MB)
+    with storage.open_read(s3.uri("v.bin"), buffer_size=4096) as stream:
+        assert stream.read(10) == b"1" * 10
+        storage.write_bytes(s3.uri("v.bin"), b"2" * MB)
+        stream.seek(MB // 2)  # a new ranged GET, pinned to the first version's ETag
+        with pytest.raises(storage.StorageError, match="changed while it was being read"):
+            stream.read(10)
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_credentials_from_a_profile_reach_the_fast_client(s3: S3Env, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    storage.write_bytes(s3.uri("p.bin"), b"profile")
+    env = s3.server.client_env()
+    (tmp_path / "credentials").write_text(f"[reader]\naws_access_key_id = {env['AWS_ACCESS_KEY_ID']}-p\n"
+                                          f"aws_secret_access_key = {env['AWS_SECRET_ACCESS_KEY']}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "reader")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("TRAINER_S3_CLIENT", "obstore")
+    before = s3_fast.requests
+    assert storage.read_bytes(s3.uri("p.bin")) == b"profile"
+    assert s3_fast.requests > before
+    store = next(v for k, v in s3_fast._stores.items() if k[0] == os.getpid() and "reader" in k and k[-1] == s3.bucket)
+    assert store.credential_provider()["access_key_id"] == env["AWS_ACCESS_KEY_ID"] + "-p"
+
+
+def test_refreshable_credentials_are_refreshed_through_botocore() -> None:
+    calls = []
+
+    def refresh() -> dict[str, str]:
+        calls.append(1)
+        expiry = datetime.now(UTC) + timedelta(hours=1)
+        return {"access_key": f"key-{len(calls)}", "secret_key": "s", "token": "t", "expiry_time": expiry.isoformat()}
+
+    soon = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()  # inside botocore's refresh window
+    creds = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        {"access_key": "key-0", "secret_key": "s", "token": "t", "expiry_time": soon}, refresh, "test")
+    answer = s3_fast._credential_provider(creds)()
+    assert calls and answer["access_key_id"] == "key-1" and answer["token"] == "t"
+    assert answer["expires_at"] is not None and answer["expires_at"] <= datetime.now(UTC) + timedelta(minutes=10)
+    static = s3_fast._credential_provider(botocore.credentials.Credentials("a", "b"))()
+    assert static["expires_at"] is None
+
+
+_FORK_SCRIPT = """
+import multiprocessing, os, sys
+from trainer import s3_fast, storage
+uris = [f"s3://{sys.argv[1]}/f/{i}" for i in range(40)]
+for uri in uris:
+    storage.write_bytes(uri, uri.encode())
+
+def child(queue):
+    data = [storage.read_bytes(u) for u in uris[:20]]
+    queue.put((data == [u.encode() for u in uris[:20]], s3_fast.requests))
+
+def in_child():
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    result = queue.get(timeout=60)
+    proc.join(timeout=60)
+    return result
+
+first = [storage.read_bytes(u) for u in uris[:3]]       # a few reads: boto3, the runtime is not started
+print("parent-before", s3_fast.requests)
+print("child-1", *in_child())                           # a forked reader switches to obstore after 15 reads
+[storage.read_bytes(u) for u in uris]                   # the parent itself now reads through obstore
+print("parent-after", s3_fast.requests > 0)
+print("child-2", *in_child())                           # runtime inherited: boto3, and no hang
+"""
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_forked_readers_use_the_fast_client_only_where_it_can_run(s3: S3Env) -> None:
+    env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
+    result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, s3.bucket], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["parent-before"] == "0"
+    assert lines["child-1"] == f"True {20 - s3_fast.FAST_AFTER_READS + 1}"
+    assert lines["parent-after"] == "True"
+    assert lines["child-2"] == "True 0"
+
+
+@pytest.mark.parametrize(("endpoint", "style", "expected"), [
+    ("http://minio.local:9000", "path", ("http://minio.local:9000", False)),
+    ("http://minio.local:9000", "virtual", ("http://data.minio.local:9000", True)),
+    (None, "auto", (None, True)),  # AWS: obstore builds the regional endpoint itself
+    (None, "path", (None, False)),
+    ("http://127.0.0.1:9000", "auto", ("http://127.0.0.1:9000", False)),
+])
+def test_the_fast_client_addresses_buckets_as_boto3_does(endpoint: str | None, style: str,
+                                                         expected: tuple[str | None, bool],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+    from botocore.config import Config
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-west-2", aws_access_key_id="a",
+                          aws_secret_access_key="b", config=Config(s3={"addressing_style": style}))
+    assert s3_fast._where(client, "data") == expected

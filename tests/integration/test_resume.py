@@ -118,7 +118,9 @@ def reference(reference_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_kill_9_of_one_rank_then_restart_gives_bitwise_equal_weights(shapes: dict[str, str], tmp_path: Path,
                                                                       reference: dict[str, torch.Tensor]) -> None:
-    kill_steps = sorted(random.Random(1234).sample(range(3, 14), 2))
+    # One kill point (a seeded pick among steps 3..13): the SIGTERM, upload-kill and one-process restart tests below
+    # resume from three other points, and tests/e2e/test_cluster_sim.py kills a whole pod.
+    kill_steps = random.Random(1234).sample(range(3, 14), 1)
     for attempt, kill_step in enumerate(kill_steps):
         run_dir = tmp_path / f"kill{attempt}"
         run = Run(start_torchrun(*overrides(shapes, run_dir), max_restarts=1))

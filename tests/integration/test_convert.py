@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -19,7 +20,9 @@ from pycocotools.cocoeval import COCOeval
 from tests.conftest import BCCD, REPO, S3Env
 from tests.support.voc import make_voc, voc_xml
 from trainer import storage
-from trainer.annotations.convert import ConvertOptions, ConvertResult, convert
+from trainer.annotations import convert as convert_module
+from trainer.annotations.convert import BoxRules, ConvertOptions, ConvertResult, convert, convert_boxes, plain_boxes
+from trainer.annotations.voc import VocObject
 
 
 def run_convert(root: Path | str, out: Path | str, **kwargs: object) -> ConvertResult:
@@ -299,3 +302,66 @@ def test_bccd_annotations_only_matches_the_full_conversion(tmp_path: Path) -> No
     alone = run_convert(BCCD, tmp_path / "alone", all=True, annotations_only=True)
     assert full.exit_code == alone.exit_code == 0
     assert load(tmp_path / "full/all.json") == load(tmp_path / "alone/all.json")
+
+
+# ------------------------------------------------------------------------- fast paths (issue 16)
+def test_plain_boxes_write_exactly_what_convert_boxes_writes() -> None:
+    """The column-wise box conversion against the per-object one, on random boxes with integral, decimal, tiny,
+    huge, zero and negative-zero coordinates: the same text, or None (then convert_boxes has problems to report)."""
+    rng = random.Random(16)
+
+    def value(low: float, high: float) -> float:
+        kind = 0 if integral else rng.randrange(5)
+        return (float(rng.randint(int(low), int(high))) if kind == 0 else rng.uniform(low, high) if kind == 1
+                else float(f"{rng.uniform(low, high):.3e}") if kind == 2 else round(rng.uniform(low, high), 2))
+
+    taken = 0
+    for trial in range(1500):
+        integral = trial % 3 == 0  # all coordinates integers: the %d path
+        width, height = rng.choice([(640, 480), (7, 5), (3_000_000_000, 100_000), (2**53 + 2, 2**40)])
+        objects = []
+        for _ in range(rng.randint(0, 5)):
+            x0, y0 = rng.choice([0.0, -0.0, value(0, width), value(0, 1e-3)]), rng.choice([0.0, value(0, height)])
+            if integral and rng.random() < 0.9:
+                x0, y0 = float(rng.randint(1, 40)), float(rng.randint(1, 40))
+            x1 = rng.choice([x0 + value(0, width), x0 + 1e-5, float(width), x0 + value(0, 2)])
+            y1 = rng.choice([y0 + value(0, height), y0 + value(0, 1e-3), float(height)])
+            objects.append(VocObject(rng.choice("ab"), x0, y0, x1, y1, rng.randint(0, 1), rng.randint(0, 1)))
+        columns = tuple(map(list, zip(*objects, strict=True))) if objects else ([],) * 7
+        for rules in (BoxRules(), BoxRules(True, "keep"), BoxRules(False, "drop")):
+            fast = plain_boxes(columns, width, height, rules)  # type: ignore[arg-type]
+            problems: list[tuple[str, str]] = []
+            exact = convert_boxes(objects, width, height, rules, problems)
+            if fast is not None:
+                taken += 1
+                assert (fast, problems) == (exact, []), (objects, rules)
+    assert taken > 500
+
+
+def test_fast_paths_change_no_byte_of_the_output_or_the_report(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain and unusual documents, boxes kept, clipped and dropped: the same files and problems as when every
+    document goes through the XML parser and every box through convert_boxes."""
+    plain = voc_xml("a.jpg", [("c", "1.5", 2, "30.25", 40, 1), ("d", 0, 0, 640, 480)])
+    xmls: dict[str, str | bytes] = {
+        "a.xml": plain,
+        "b.xml": plain.replace("a.jpg", "b.jpg").replace("\n", "\r\n"),
+        "c.xml": plain.replace("a.jpg", "c.jpg").replace("<folder>", "<!-- c --><folder>"),
+        "d.xml": voc_xml("d.jpg", [("c", -5, 1, 50, 50), ("c", 9, 9, 1, 1), ("D ", 1, 1, 5, 5, "maybe")]),
+        "e.xml": voc_xml("e.jpg", [("c", "1e-5", 1, "2e-5", 9), ("c", 1, 1, 2, 2, 1)]),
+        "f.xml": plain.replace("a.jpg", "f.jpg").replace("</name>", "</nam>", 1),
+        "g.xml": plain.replace("a.jpg", "g.jpg").encode("utf-16"),
+    }
+    make_voc(tmp_path / "voc", xmls, [f"{c}.jpg" for c in "abcdefg"])
+    outputs = {}
+    for case in ("fast", "slow"):
+        if case == "slow":
+            monkeypatch.setattr(convert_module, "parse_plain_columns", lambda data: None)
+        for difficult in ("crowd", "drop"):
+            out = tmp_path / f"{case}-{difficult}"
+            result = run_convert(tmp_path / "voc", out, workers=1, difficult=difficult, report=str(out / "r.json"))
+            report = (out / "r.json").read_text().replace(str(out), "OUT")
+            outputs[case, difficult] = ((out / "all.json").read_bytes(), report, result.problems)
+    assert outputs["fast", "crowd"] == outputs["slow", "crowd"]
+    assert outputs["fast", "drop"] == outputs["slow", "drop"]
+    assert {"clipped_box", "degenerate_box", "bad_flag", "malformed_xml"} <= set(outputs["fast", "crowd"][2])

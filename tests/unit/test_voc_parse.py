@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import random
 
 import pytest
 
 from tests.support.voc import voc_xml
-from trainer.annotations.voc import VocError, parse_voc
+from trainer.annotations.voc import VocError, VocRecord, parse_plain, parse_voc, parse_voc_tree
 
 GOOD = voc_xml("a.jpg", [("RBC", 1, 2, 30, 40)])
 
@@ -94,6 +95,11 @@ def test_unknown_or_lying_encodings_are_errors() -> None:
                       .encode("utf-8", "surrogateescape")) == "bad_encoding"
 
 
+def test_an_encoding_that_decodes_to_lone_surrogates_is_bad_encoding_not_a_crash() -> None:
+    assert error_kind(b'<?xml version="1.0" encoding="unicode_escape"?><annotation>\\ud800</annotation>') == \
+        "bad_encoding"
+
+
 def test_namespaced_documents() -> None:
     default = GOOD.replace("<annotation>", '<annotation xmlns="http://example.org/voc">')
     assert parse_voc(default.encode()).objects[0].name == "RBC"
@@ -173,3 +179,104 @@ def test_undeclared_non_utf8_bytes_are_bad_encoding_not_malformed_xml() -> None:
     assert error_kind(b'<?xml version="1.0" encoding="UTF-16"?>\n' + latin1) == "bad_encoding"  # a false claim
     declared = parse_voc(b'<?xml version="1.0" encoding="ISO-8859-1"?>\n' + latin1)
     assert declared.filename == "café.jpg"
+
+
+# ------------------------------------------------------------------ the fast path (issue 16): same record or none
+def tree_outcome(data: bytes) -> VocRecord | str:
+    try:
+        return parse_voc_tree(data)
+    except VocError as exc:
+        return exc.kind
+
+
+PLAIN = voc_xml("a.jpg", [("RBC", "10.5", 2, "30.25", 40, 1, 0), ("WBC", 1, 2, 3, 4)])
+TAKEN = {  # documents the fast path reads itself: the record must be the parser's
+    "plain": PLAIN,
+    "prolog": '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + PLAIN,
+    "crlf": PLAIN.replace("\n", "\r\n").replace("<name>RBC", "<name>\rRBC"),
+    "root attribute": PLAIN.replace("<annotation>", '<annotation verified="yes">'),
+    "padded values": voc_xml(" a.jpg ", [("  Globule\u0301\n", " 12 ", "\t3.5", "40 ", "5e1", "0", "1")]),
+    "no flags or pose": PLAIN.replace("<pose>Unspecified</pose>", "").replace("<truncated>0</truncated>", ""),
+    "empty flags": PLAIN.replace("<difficult>1</difficult>", "<difficult></difficult>"),
+    "twice the filename": PLAIN.replace("<folder>", "<filename>b.jpg</filename><folder>"),
+    "no objects": voc_xml("a.jpg", []),
+    "utf-8 bom": "\ufeff" + PLAIN,
+}
+REFUSED = {  # documents it leaves to the parser: whatever they are, the parser decides as before
+    "comment": PLAIN.replace("<folder>", "<!-- x --><folder>"),
+    "cdata": PLAIN.replace("RBC", "<![CDATA[RBC]]>"),
+    "entity reference": PLAIN.replace("RBC", "R&amp;B"),
+    "character reference": PLAIN.replace("RBC", "R&#66;C"),
+    "doctype": '<!DOCTYPE annotation>\n' + PLAIN,
+    "processing instruction": PLAIN.replace("<folder>", "<?pi x?><folder>"),
+    "object attribute": PLAIN.replace("<object>", '<object id="1">'),
+    "default namespace": PLAIN.replace("<annotation>", '<annotation xmlns="urn:voc">'),
+    "two root attributes": PLAIN.replace("<annotation>", '<annotation a="1" a="2">'),
+    "part": PLAIN.replace("</bndbox>", "</bndbox><part><name>hand</name></part>", 1),
+    "other order": PLAIN.replace("<name>WBC</name>", "").replace("</bndbox>\n</object>", "</bndbox><name>W</name>"),
+    "empty name": PLAIN.replace("<name>WBC</name>", "<name> </name>"),
+    "bad flag": PLAIN.replace("<difficult>1</difficult>", "<difficult>yes</difficult>"),
+    "self-closing flag": PLAIN.replace("<difficult>1</difficult>", "<difficult/>"),
+    "nan": PLAIN.replace("<xmin>1<", "<xmin>nan<"),
+    "overflowing sum": PLAIN.replace("<xmin>1<", "<xmin>1e308<").replace("<ymin>2<", "<ymin>1e308<"),
+    "empty coordinate": PLAIN.replace("<xmin>1<", "<xmin><"),
+    "fullwidth digits": PLAIN.replace("<width>640", "<width>\uff16\uff14\uff10"),
+    "no size": voc_xml("a.jpg", [("RBC", 1, 2, 3, 4)], size=None),
+    "no filename": voc_xml(None, [("RBC", 1, 2, 3, 4)]),
+    "element after objects": PLAIN.replace("</annotation>", "<segmented>0</segmented></annotation>"),
+    "deep element": PLAIN.replace("<folder>", "<source><a><b>x</b></a></source><folder>"),
+    "mismatched tag": PLAIN.replace("</name>", "</nam>", 1),
+    "unclosed root": PLAIN.replace("</annotation>", "<annotation>x</annotation>"),
+    "unclosed object": PLAIN.replace("</object>", "", 1),
+    "second root": PLAIN + "<annotation/>",
+    "text after the root": PLAIN + "x",
+    "space before the prolog": ' <?xml version="1.0"?>' + PLAIN,
+    "version 1.1": '<?xml version="1.1"?>' + PLAIN,
+    "latin-1 declared": '<?xml version="1.0" encoding="latin-1"?>' + PLAIN.replace("RBC", "R\xe9C"),
+    "control character": PLAIN.replace("RBC", "R\x01C"),
+    "U+FFFE": PLAIN.replace("RBC", "R\ufffeC"),
+    "greater-than": PLAIN.replace("RBC", "R>C"),
+    "cdata end": PLAIN.replace("RBC", "R]]>C"),
+    "form feed between tags": PLAIN.replace("\n<object>", "\f<object>", 1),
+    "object in a container": PLAIN.replace("<folder>", "<src><object>x</object></src><folder>"),
+}
+
+
+@pytest.mark.parametrize("name", TAKEN)
+def test_the_fast_path_reads_plain_documents_exactly_as_the_parser(name: str) -> None:
+    data = TAKEN[name].encode()
+    assert parse_plain(data) is not None
+    assert parse_plain(data) == parse_voc_tree(data) == parse_voc(data)
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_anything_unusual_goes_to_the_parser(name: str) -> None:
+    data = REFUSED[name].encode("utf-8", "surrogatepass")
+    assert parse_plain(data) is None
+    assert tree_outcome(data) == (parse_voc(data) if not isinstance(tree_outcome(data), str) else tree_outcome(data))
+
+
+def test_invalid_utf8_goes_to_the_parser() -> None:
+    data = PLAIN.replace("RBC", "R\xe9C").encode("latin-1")
+    assert parse_plain(data) is None and tree_outcome(data) == "bad_encoding"
+
+
+def test_random_mutations_never_make_the_fast_path_disagree() -> None:
+    """Seeded byte edits of plain documents (markup characters mostly): whenever the fast path accepts one, the
+    parser reads it to the same record; it never accepts a document the parser refuses."""
+    rng = random.Random(16)
+    pieces = [b"<", b">", b"/", b"&", b";", b"!", b"?", b"=", b'"', b" ", b"\r", b"\n", b"\x00", b"a", b"0", b".",
+              b"<object>", b"</object>", b"<name>", b"</name>", b"</annotation>", b"\xc3", b"\xef\xbf\xbe", b"-"]
+    bases = [TAKEN[name].encode() for name in ("plain", "prolog", "root attribute", "no flags or pose")]
+    accepted = 0
+    for _ in range(1500):
+        data = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) + 1)
+            cut = rng.choice([0, 0, 1, rng.randint(1, 12)])
+            data[at:at + cut] = rng.choice(pieces) if rng.random() < 0.8 else b""
+        plain = parse_plain(bytes(data))
+        if plain is not None:
+            accepted += 1
+            assert plain == tree_outcome(bytes(data)), bytes(data)
+    assert accepted > 50  # the edits inside values keep many documents plain

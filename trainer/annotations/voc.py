@@ -6,6 +6,12 @@ C ElementTree parser gives the same result several times faster; every document 
 (its encoding detected as the XML specification says: BOM, first bytes, declaration), so the DTD check sees the
 real characters whatever the encoding, and the parser is never left to guess one.
 
+Speed: most files come from a handful of tools in one plain shape (see "fast path" below). :func:`parse_plain`
+matches exactly that shape with a few regular expressions that check every start tag against its end tag, so a
+document it accepts is well-formed XML without markup that could declare or expand anything (no DTD, comments,
+references or processing instructions); it returns the record :func:`parse_voc_tree` would, and None for any
+document that is malformed, unusual or has anything to report, which then goes through the parser as before.
+
 Nothing here raises for bad data except :class:`VocError` (the whole file is unusable); object-level problems
 are returned as ``(kind, detail)`` pairs and the object is dropped or repaired.
 """
@@ -19,6 +25,7 @@ import sys
 import unicodedata
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
+from operator import add
 from typing import NamedTuple
 
 import defusedxml
@@ -137,7 +144,11 @@ def _redeclare(text: str) -> bytes:
     if text.startswith("<?xml"):
         end = text.find("?>")
         text = '<?xml version="1.0" encoding="utf-8"' + text[end:] if end > 0 else text
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # e.g. encoding="unicode_escape" and "\ud800": no character at all
+        raise VocError("bad_encoding", f"the declared encoding decodes to a lone surrogate at offset {exc.start}, "
+                                       "not a character") from exc
 
 
 def parse_tree(data: bytes) -> ET.Element:
@@ -190,6 +201,11 @@ def _flag(text: str | None, what: str, problems: list[tuple[str, str]]) -> int:
 
 def parse_voc(data: bytes) -> VocRecord:
     """The useful content of one VOC XML document (raises VocError if there is none)."""
+    return parse_plain(data) or parse_voc_tree(data)
+
+
+def parse_voc_tree(data: bytes) -> VocRecord:
+    """parse_voc through the XML parser: every document, every problem (the reference for :func:`parse_plain`)."""
     root = parse_tree(data)
     if root.tag[:1] == "{":
         _strip_namespaces(root)
@@ -263,3 +279,126 @@ def _parse_object(element: ET.Element, problems: list[tuple[str, str]]) -> VocOb
     t = (0 if truncated is None or truncated == "0" else 1 if truncated == "1"
          else _flag(truncated, "truncated", problems))
     return VocObject(label, x0, y0, x1, y1, d, t)
+
+
+# ----------------------------------------------------------------------------------------------- fast path
+# Most VOC files are written by a handful of tools in one plain shape: a prolog, <annotation>, leaf elements and
+# containers of leaves (<size>, <source>), then <object>s of leaves and one <bndbox>, and no markup beyond start
+# and end tags: no comments, CDATA, DOCTYPE, processing instructions, references (&...;), attributes (but one on
+# the root) or namespaces, and character data without "<", ">", "&" or control characters. The patterns below
+# match exactly such documents, element by element with each end tag matching its start tag, so a document they
+# match is well-formed XML whose tree parse_voc_tree would read to the same record. parse_plain accepts a
+# document only when it also has nothing to report (every value present and valid); anything else, malformed or
+# merely unusual, goes to the parser, which decides and reports exactly as before.
+_S = rb"[ \t\n]*"  # after line-end normalisation there is no \r left
+_NAME = rb"[A-Za-z_][A-Za-z0-9_.-]*"
+_TEXT = rb"[^<>&\x00-\x08\x0b\x0c\x0e-\x1f]*"
+_PLAIN_START = re.compile(
+    rb"(?:<\?xml[ \t\n]+version[ \t\n]*=[ \t\n]*(?:\"1\.0\"|'1\.0')"
+    rb"(?:[ \t\n]+encoding[ \t\n]*=[ \t\n]*(?:\"[Uu][Tt][Ff]-8\"|'[Uu][Tt][Ff]-8'))?"
+    rb"(?:[ \t\n]+standalone[ \t\n]*=[ \t\n]*(?:\"(?:yes|no)\"|'(?:yes|no)'))?[ \t\n]*\?>)?" + _S +
+    rb"<annotation(?:[ \t\n]+(?![Xx][Mm][Ll])" + _NAME + rb"[ \t\n]*=[ \t\n]*"
+    rb"(?:\"[^\"<&\x00-\x08\x0b\x0c\x0e-\x1f]*\"|'[^'<&\x00-\x08\x0b\x0c\x0e-\x1f]*'))?[ \t\n]*>")
+# A child of <annotation> before the first <object>: a leaf (group 2: its text) or a container of leaves (group 3),
+# or, as group 5, the first character of anything else (which sends the document to the parser).
+_PLAIN_ITEM = re.compile(_S + rb"(?:<(?!object>)(" + _NAME + rb")>(?:(" + _TEXT + rb")|((?:" + _S + rb"<(" + _NAME +
+                         rb")>" + _TEXT + rb"</\4>)*" + _S + rb"))</\1>|([^ \t\n]))")
+_PLAIN_LEAF = re.compile(rb"<(" + _NAME + rb")>(" + _TEXT + rb")</\1>")
+# One <object> in the common element order (groups: name, truncated, difficult, xmin, ymin, xmax, ymax), or, as
+# group 8, the first character of anything else (which sends the document to the parser).
+_PLAIN_OBJECT = re.compile(
+    _S + rb"(?:<object>" + _S + rb"<name>(" + _TEXT + rb")</name>" + _S +
+    rb"(?:<pose>" + _TEXT + rb"</pose>" + _S + rb")?(?:<truncated>(" + _TEXT + rb")</truncated>" + _S + rb")?"
+    rb"(?:<difficult>(" + _TEXT + rb")</difficult>" + _S + rb")?(?:<occluded>" + _TEXT + rb"</occluded>" + _S + rb")?"
+    rb"<bndbox>" + _S + rb"<xmin>(" + _TEXT + rb")</xmin>" + _S + rb"<ymin>(" + _TEXT + rb")</ymin>" + _S +
+    rb"<xmax>(" + _TEXT + rb")</xmax>" + _S + rb"<ymax>(" + _TEXT + rb")</ymax>" + _S + rb"</bndbox>" + _S +
+    rb"</object>|([^ \t\n]))")
+_PLAIN_END = re.compile(_S + rb"</annotation>" + _S)
+_FLAG = {b"": 0, b"0": 0, b"1": 1}  # an empty or absent flag reads as 0 in the tree too
+_plain_labels: dict[bytes, str] = {}
+
+
+# The objects of a plain document, column by column: names, xmin, ymin, xmax, ymax, difficult, truncated.
+PlainObjects = tuple[list[str], list[float], list[float], list[float], list[float], list[int], list[int]]
+
+
+def parse_plain(data: bytes) -> VocRecord | None:
+    """The record of a plain, problem-free VOC document without the XML parser, or None: use parse_voc_tree."""
+    plain = parse_plain_columns(data)
+    if plain is None:
+        return None
+    filename, width, height, columns = plain
+    return VocRecord(filename, width, height, list(map(VocObject, *columns)), [])
+
+
+def parse_plain_columns(data: bytes) -> tuple[str, int, int, PlainObjects] | None:
+    """(filename, width, height, objects) of a plain, problem-free VOC document, or None: use parse_voc_tree."""
+    if data[:1] != b"<" and data[:3] != codecs.BOM_UTF8:  # only UTF-8 (or ASCII) documents can be plain
+        return None
+    if data[:3] == codecs.BOM_UTF8:
+        data = data[3:]
+    if b"\r" in data:  # XML end-of-line handling, as the parser does before anything else
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    start = _PLAIN_START.match(data)
+    end = data.rfind(b"</annotation>")
+    if start is None or end < 0 or _PLAIN_END.fullmatch(data, end) is None:
+        return None
+    if not data.isascii():
+        if b"\xef\xbf\xbe" in data or b"\xef\xbf\xbf" in data:  # U+FFFE, U+FFFF: not XML characters
+            return None
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    first = data.find(b"<object>", start.end(), end)
+    head = _plain_head(data, start.end(), end if first < 0 else first)
+    objects = None if head is None or first < 0 else _plain_objects(data, first, end)
+    if head is None or (objects is None and first >= 0):
+        return None
+    return head[0], head[1], head[2], objects or ([], [], [], [], [], [], [])
+
+
+def _plain_head(data: bytes, pos: int, end: int) -> tuple[str, int, int] | None:
+    """(filename, width, height) from the children of <annotation> between pos and end, or None."""
+    filename = width = height = None
+    for tag, text, content, _, other in _PLAIN_ITEM.findall(data, pos, end):
+        if other:
+            return None
+        if tag == b"filename":
+            if content:  # a <filename> with child elements: let the parser decide
+                return None
+            filename = text.decode().strip() or None
+        elif tag == b"size" and content:
+            for part, value in _PLAIN_LEAF.findall(content):
+                if part == b"width":
+                    width = _dimension(value)  # float() reads ASCII bytes as it reads str
+                elif part == b"height":
+                    height = _dimension(value)
+    if filename is None or width is None or height is None:
+        return None
+    return filename, width, height
+
+
+def _plain_objects(data: bytes, pos: int, end: int) -> PlainObjects | None:
+    """Every <object> between pos and end, each in the plain shape and valid, or None."""
+    rows = _PLAIN_OBJECT.findall(data, pos, end)
+    names, truncated, difficult, xmin, ymin, xmax, ymax, other = zip(*rows, strict=True)
+    if any(other):
+        return None
+    labels = list(map(_plain_labels.get, names))
+    if None in labels:
+        for i, name in enumerate(names):
+            label = labels[i] = _label(name.decode()) if name else ""
+            if not label:
+                return None
+            if len(_plain_labels) > 100_000:
+                _plain_labels.clear()
+            _plain_labels[name] = label
+    try:
+        x0, y0, x1, y1 = list(map(float, xmin)), list(map(float, ymin)), list(map(float, xmax)), list(map(float, ymax))
+        flags = list(map(_FLAG.__getitem__, difficult)), list(map(_FLAG.__getitem__, truncated))
+    except (KeyError, ValueError):  # a flag other than 0/1, a coordinate that is not a number
+        return None
+    if not all(map(math.isfinite, map(add, map(add, map(add, x0, y0), x1), y1))):  # as parse_voc_tree sums them
+        return None
+    return labels, x0, y0, x1, y1, flags[0], flags[1]  # type: ignore[return-value]

@@ -499,14 +499,15 @@ def _list_voc_tree(options: ConvertOptions) -> _VocTree:
     xmls = {n: u for n, u in _list_names(ann_dir).items() if n.lower().endswith(".xml")}
     if not xmls:
         raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
-    images = {} if options.annotations_only else \
-        {n: u for n, u in _list_names(img_dir).items() if _suffix(n) in IMAGE_EXTENSIONS}
+    listed = {} if options.annotations_only else _list_names(img_dir)
+    split = {name: os.path.splitext(name) for name in listed}  # once per image: 20,000 images are common
+    images = {name: uri for name, uri in listed.items() if split[name][1].lower() in IMAGE_EXTENSIONS}
     if not images and not options.annotations_only:
         raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder); if the images are "
                            "stored elsewhere, --annotations-only converts from the XML alone (sizes from <size>)")
     by_stem: dict[str, list[str]] = {}
-    for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(_suffix(n)), n)):
-        by_stem.setdefault(_stem(name), []).append(name)
+    for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(split[n][1].lower()), n)):
+        by_stem.setdefault(split[name][0], []).append(name)
     splits: dict[str, list[str] | None] = {"all": None}
     if not options.all:
         found = read_splits(storage.join(root, "ImageSets", "Main"), options.splits)

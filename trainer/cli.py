@@ -282,6 +282,29 @@ def cmd_ckpt_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+EXPORT_FORMATS = ("torchscript", "onnx")  # trainer.export.FORMATS (that module imports torch: loaded on use)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import DEFAULT_OPSET, ExportOptions, export
+
+    if args.opset is not None and args.format != "onnx":
+        print("trainer: error: export: --opset applies to --format onnx only", file=sys.stderr)
+        return EXIT_USAGE
+    options = ExportOptions(args.source, args.format, args.out, ema=args.ema,
+                            image_size=tuple(args.image_size) if args.image_size else None,
+                            opset=DEFAULT_OPSET if args.opset is None else args.opset, check_images=args.check_images)
+    result = export(options)
+    print("\n".join(result.report.lines()))
+    if result.deleted:
+        print(f"trainer: error: export: the {result.format} export of {result.model_name} does not match the eager "
+              f"model (see the parity report above); {result.out} deleted", file=sys.stderr)
+        return EXIT_FAILURE
+    log.info("exported %s (%s) to %s: %s, %s", result.model_name, result.source, result.out, result.format,
+             _human(result.size_bytes))
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------- parsing
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -402,6 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
     ckpt_export.add_argument("--out", required=True, help="the weights file to write (path or s3:// URI)")
     ckpt_export.add_argument("--ema", action="store_true", help="export the EMA weights instead")
     ckpt_export.set_defaults(func=cmd_ckpt_export)
+
+    exp = sub.add_parser(
+        "export", parents=[common], help="a TorchScript or ONNX model for inference servers, checked against PyTorch",
+        description="Export a trained detector to TorchScript or ONNX, then load the written file back (TorchScript "
+                    "with torch, ONNX with ONNX Runtime on the CPU) and compare its detections with the eager model's "
+                    "on sample images at two sizes. Exit 0: exported and the check passed; 1: refused, or the check "
+                    "failed (the output is deleted); 2: usage error. See docs/deploying.md.")
+    exp.add_argument("source", help="a weights file, a run (its newest good checkpoint), a checkpoints or a step-<N> "
+                                    "folder; local or s3://")
+    exp.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="torchscript or onnx")
+    exp.add_argument("--out", required=True, help="the file to write (path or s3:// URI)")
+    exp.add_argument("--ema", action="store_true", help="export a checkpoint's EMA weights instead")
+    exp.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"),
+                     help="the example image the export is traced with and the first check size (default: the "
+                          "model's min_size x max_size; SSD: its fixed side); sizes stay dynamic")
+    exp.add_argument("--opset", type=int, help="ONNX opset (default 17; 11 to 20)")
+    exp.add_argument("--check-images", help="images for the parity check: a file, folder/prefix or glob (up to 4 "
+                                            "used; default: generated shapes images)")
+    exp.set_defaults(func=cmd_export)
 
     watch = sub.add_parser("watch", parents=[common], help="one view of a training release on the cluster",
                            description="Pods, progress, ETA, last evaluation and checkpoint of a release installed "

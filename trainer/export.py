@@ -18,6 +18,11 @@ What the exported models take and return (see docs/deploying.md):
 
 Both carry ``detection-trainer`` metadata (model, class names and COCO category ids: label k is
 ``category_names[k - 1]``). Normalisation and resizing are inside the model, as in ``trainer predict``.
+
+The check is not a formality: scripted or traced, torchvision's R-CNN/RetinaNet/FCOS transform computes its resize
+scale in float32 as ``(1 / size) * target`` where eager PyTorch divides in double precision, so at some image sizes
+(e.g. 320 x 427 for ``min_size: 320, max_size: 427``) the export resizes to one pixel less and its detections move;
+the check fails there (docs/deploying.md, "Known issue").
 """
 
 from __future__ import annotations

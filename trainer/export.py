@@ -21,13 +21,14 @@ Both carry ``detection-trainer`` metadata (model, class names and COCO category 
 
 The check is not a formality: scripted or traced, torchvision's R-CNN/RetinaNet/FCOS transform computes its resize
 scale in float32 as ``(1 / size) * target`` where eager PyTorch divides in double precision, so at some image sizes
-(e.g. 320 x 427 for ``min_size: 320, max_size: 427``) the export resizes to one pixel less and its detections move;
-the check fails there (docs/deploying.md, "Known issue").
+(e.g. 320 x 427 for ``min_size: 320, max_size: 427``) its exports resize to one pixel less and their detections
+move. The check found it; the exported copy of a model gets ``ExactResize``, which divides in float64.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import io
 import json
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _fake_cast_onnx, _get_shape_onnx
 from torchvision.ops import box_iou
 
 from trainer import storage
@@ -206,8 +208,9 @@ def export(options: ExportOptions) -> ExportResult:
     log.info("exporting %s (%s) to %s as %s", detector.model_config.name, source, options.out, options.format)
     metadata = export_metadata(detector, source, options)
     try:
-        data = (torchscript_bytes(model, metadata) if options.format == "torchscript"
-                else onnx_bytes(model, resize(images[0], sizes[0]), options.opset, metadata))
+        exported = exportable(model)
+        data = (torchscript_bytes(exported, metadata) if options.format == "torchscript"
+                else onnx_bytes(exported, resize(images[0], sizes[0]), options.opset, metadata))
     except Exception as exc:  # the exporters raise anything from RuntimeError to their own error types
         raise InputError(f"cannot export {detector.model_config.name} to {options.format}: "
                          f"{type(exc).__name__}: {first_line(exc)}") from exc
@@ -331,6 +334,39 @@ class DetectionsOnly(nn.Module):
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         return self.model(images)[1]  # scripted: (losses, detections); this module is only ever scripted
+
+
+class ExactResize(GeneralizedRCNNTransform):
+    """torchvision's detection transform, except that, scripted or traced, the resize scale is divided in float64
+    as eager PyTorch divides it in Python. torchvision computes ``(1 / size) * target`` in float32 there, so at
+    some sizes the export resized to one pixel less than the eager model (320 x 427 with min 320, max 427 became
+    319 x 426). Only the exported copy of a model gets it; inference only (no targets)."""
+
+    def resize(self, image: torch.Tensor,
+               target: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        if torchvision._is_tracing():
+            shape = _get_shape_onnx(image)
+        else:
+            shape = torch.tensor(image.shape[-2:])
+        size = shape.to(torch.float64)
+        smallest = torch.tensor(float(self.min_size[-1]), dtype=torch.float64)
+        largest = torch.tensor(float(self.max_size), dtype=torch.float64)
+        scale = torch.min(smallest / size.min(), largest / size.max())
+        scale_factor = _fake_cast_onnx(scale) if torchvision._is_tracing() else scale.item()
+        image = torch.nn.functional.interpolate(image[None], scale_factor=scale_factor, mode="bilinear",
+                                                recompute_scale_factor=True, align_corners=False)[0]
+        return image, target
+
+
+def exportable(model: nn.Module) -> nn.Module:
+    """The model to export: a copy with ``ExactResize`` when it resizes by min/max size (R-CNN, RetinaNet, FCOS;
+    SSD resizes to a fixed size)."""
+    transform = getattr(model, "transform", None)
+    if type(transform) is not GeneralizedRCNNTransform or getattr(transform, "fixed_size", None) is not None:
+        return model
+    copied = copy.deepcopy(model)
+    copied.transform.__class__ = ExactResize
+    return copied
 
 
 @contextlib.contextmanager

@@ -24,7 +24,17 @@ from trainer import cli, storage
 from trainer import export as export_module
 from trainer.checkpoint import CheckpointWriter, Snapshot
 from trainer.config import ModelConfig
-from trainer.export import METADATA_NAME, Cuts, ExportOptions, ParityReport, SizeParity, compare, export, refusal
+from trainer.export import (
+    METADATA_NAME,
+    Cuts,
+    ExportOptions,
+    ParityReport,
+    SizeParity,
+    compare,
+    export,
+    exportable,
+    refusal,
+)
 from trainer.logs import RankFormatter
 from trainer.models import build_model
 from trainer.synth import render_image
@@ -33,7 +43,8 @@ from trainer.weights import weights_payload, write_weights
 SMALL = ModelConfig(name="fasterrcnn_mobilenet_v3_large_320_fpn", min_size=96, max_size=96,
                     options={"box_score_thresh": 0.0})
 NAMES = ["circle", "square", "triangle"]
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(load|save)` is deprecated:FutureWarning")  # the tests' own
+# the tests' own torch.jit calls (trainer.export keeps its own quiet)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.(load|save|script)` is deprecated:FutureWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -218,3 +229,16 @@ def test_two_overlapping_boxes_with_tied_scores_may_swap_under_nms() -> None:
     parity = SizeParity((10, 10))
     compare(eager, exported, parity, 0.05, 1e-4, Cuts(nms_threshold=0.9))  # they would both have been kept
     assert (parity.matched, parity.borderline, parity.unmatched) == (1, 0, 2)
+
+
+def test_the_exported_transform_resizes_as_eager_pytorch_does() -> None:
+    """torchvision's scripted/traced transform divides (1 / size) * target in float32: a 320 x 427 image becomes
+    319 x 426 for min_size 320, max_size 427; the exported copy divides in float64, as eager Python does."""
+    model = build_model(dataclasses.replace(SMALL, min_size=320, max_size=427), len(NAMES) + 1).eval()
+    image = torch.rand(3, 320, 427)
+    eager, _ = model.transform([image])
+    fixed, _ = torch.jit.script(exportable(model).transform)([image])
+    assert eager.image_sizes == fixed.image_sizes == [(320, 427)]
+    assert torch.equal(eager.tensors, fixed.tensors)
+    torchvisions, _ = torch.jit.script(model.transform)([image])
+    assert torchvisions.image_sizes == [(319, 426)]  # what the fix is for (torchvision 0.29.1)

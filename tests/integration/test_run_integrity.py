@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import S3Env
 from tests.integration.test_resume import Run, overrides
@@ -189,33 +188,26 @@ def _eval_records(run_dir: Path) -> list[tuple[int, int]]:
 def test_early_stopping_ends_the_run_at_the_same_evaluation_after_a_kill_9_and_resume(
         shapes: dict[str, str], tmp_path: Path) -> None:
     """eval.patience=1 with a min_delta no metric can beat: evaluation 2 brings no improvement, so the run ends
-    after epoch 2 of 5 with exit 0, a final checkpoint and model_final.pt. A run killed with -9 after its first
-    evaluation and started again continues the count from its checkpoint and stops at the same epoch with the
-    same weights; started once more, it has nothing left to train."""
-    def args(run_dir: Path) -> list[str]:
-        return settings(shapes, str(run_dir), "schedule.epochs=5", "eval.patience=1", "eval.min_delta=1.0",
-                        "data.batch_size=4", "checkpoint.every_steps=3",
-                        f"data.val.coco={shapes['train']}", f"data.val.images={shapes['images']}")
-
-    reference = start_single(args(tmp_path / "ref"))
-    assert reference.finish() == 0, reference.output[-3000:]
-    assert "early stopping: AP has not risen by more than eval.min_delta=1 in 1 evaluation(s)" in reference.output
-    assert _eval_records(tmp_path / "ref") == [(1, 0), (2, 1)]
-    assert (tmp_path / "ref" / "r" / "model_final.pt").exists()
-
-    killed = start_single(args(tmp_path / "kill"))
+    after epoch 2 of 5 with exit 0, a final checkpoint and model_final.pt. Killed with -9 after its first evaluation
+    and started again, the run continues the count from its checkpoint and stops at that same evaluation (bitwise
+    exactness of a resume is tests/integration/test_resume.py's); started once more, it has nothing left to train."""
+    args = settings(shapes, str(tmp_path), "schedule.epochs=5", "eval.patience=1", "eval.min_delta=1.0",
+                    "data.batch_size=4", "checkpoint.every_steps=3",
+                    f"data.val.coco={shapes['train']}", f"data.val.images={shapes['images']}")
+    killed = start_single(args)
     killed.wait_for(lambda line: "eval epoch 1:" in line)
     killed.proc.kill()
     killed.finish()
-    resumed = start_single(args(tmp_path / "kill"))
+    assert "early stopping" not in killed.output
+    resumed = start_single(args)
     assert resumed.finish() == 0, resumed.output[-3000:]
-    assert "resumed from" in resumed.output and "early stopping" in resumed.output
-    assert _eval_records(tmp_path / "kill") == [(1, 0), (2, 1)]
-    expected, weights = (torch.load(d / "r" / "model_final.pt", weights_only=True)["model"]
-                         for d in (tmp_path / "ref", tmp_path / "kill"))
-    assert all(torch.equal(expected[k], weights[k]) for k in expected)
+    assert "resumed from" in resumed.output
+    assert "early stopping: AP has not risen by more than eval.min_delta=1 in 1 evaluation(s)" in resumed.output
+    assert _eval_records(tmp_path) == [(1, 0), (2, 1)]
+    assert (tmp_path / "r" / "model_final.pt").exists()
+    assert not [line for line in resumed.output.splitlines() if "epoch 3/5" in line]
 
-    again = start_single(args(tmp_path / "kill"))
+    again = start_single(args)
     assert again.finish() == 0, again.output[-3000:]
     assert "stopped early" in again.output and "nothing left to train" in again.output
-    assert _eval_records(tmp_path / "kill") == [(1, 0), (2, 1)]
+    assert _eval_records(tmp_path) == [(1, 0), (2, 1)]

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.local_s3 import stop_process
+
 ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 BENCH_HOST = "127.0.0.61"  # its own loopback address: nothing here leaves the machine
 
@@ -111,11 +113,6 @@ class StaticS3:
         raise RuntimeError(f"nginx did not start on {self.endpoint_url}")
 
     def __exit__(self, *exc: object) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
+        if self._process is not None:
+            stop_process(self._process)
         self._work.cleanup()

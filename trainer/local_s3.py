@@ -109,12 +109,7 @@ class LocalS3Server:
 
     def stop(self) -> None:
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
+            stop_process(self._process)
             self._process = None
         if self._log is not None:
             self._log.close()
@@ -131,3 +126,15 @@ class LocalS3Server:
 def running(host: str = "127.0.0.1") -> Iterator[LocalS3Server]:
     with LocalS3Server(host) as server:
         yield server
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a server process, and kill it if it has not exited 10 s later (bounded either way)."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)

@@ -31,6 +31,7 @@ SUPPORTED_MODELS = (
 )
 AUGMENT_PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
 # COCOeval's bbox summary, in its order (trainer.evaluation names its numbers with these).
+EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
 EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -147,6 +148,7 @@ class EvalConfig:
     metric: str = "AP"  # decides the best model (model_best.pt) and the best checkpoint
     patience: int = 0  # stop after this many evaluations without eval.metric rising by more than min_delta; 0: off
     min_delta: float = 0.0  # how much eval.metric must rise to count as an improvement for patience
+    backend: str = "pycocotools"  # pycocotools | faster-coco-eval (the `fast-eval` extra; the same numbers, faster)
 
 
 @dataclass
@@ -161,9 +163,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None  # e.g. http://mlflow.example:5000; null: MLflow tracking off (the `mlflow` extra)
+    experiment: str = "detection-trainer"
+    run_name: str | None = None  # default: run.name
+
+
+@dataclass
 class LogConfig:
     every_steps: int = 20
     tensorboard: bool = False
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     sample_trace: str | None = None  # local folder: each rank lists the image ids it trained on (debugging)
 
 
@@ -509,6 +519,8 @@ def _validate_run_outputs(config: Config, check: Check) -> None:
           f"must be at least 1, got {config.train.max_nonfinite_steps}")
     check(config.eval.metric in EVAL_METRICS, "eval.metric",
           f"unknown metric {config.eval.metric!r}; choose one of {', '.join(EVAL_METRICS)}")
+    check(config.eval.backend in EVAL_BACKENDS, "eval.backend",
+          f"unknown backend {quote(config.eval.backend, 80)}; choose one of {', '.join(EVAL_BACKENDS)}")
     check(config.eval.every_epochs >= 0, "eval.every_epochs", "must be 0 (never) or more")
     check(config.eval.patience >= 0, "eval.patience", f"must be 0 (off) or more, got {config.eval.patience}")
     check(0 <= config.eval.min_delta <= 1, "eval.min_delta", f"must be in [0, 1] (COCO metrics are 0..1), "

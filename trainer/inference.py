@@ -92,34 +92,59 @@ def load_detector(weights: str, model_config: ModelConfig | None = None, index: 
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: DistEnv,
-                   autocast_dtype: torch.dtype | None = None, should_stop: Callable[[], bool] | None = None,
-                   before_gather: Callable[[], None] | None = None) -> EvalResult | None:
-    """COCO mAP of ``model`` on ``split``: every rank predicts its share, rank 0 runs pycocotools.
+@dataclass
+class ValidationSet:
+    """What every evaluation of a run reads, prepared once: the split's index, its loader (this rank's share, in
+    a fixed order) and, on rank 0, the ground truth COCOeval scores against. A run evaluates after many epochs;
+    rebuilding these each time re-read and re-validated the COCO file and re-indexed the ground truth."""
 
-    ``should_stop`` is called by every rank after each batch (the ranks hold equal batch counts, so it may run a
-    collective): True abandons the evaluation with ``EvaluationStopped``. ``before_gather`` runs once the
-    predictions are done, before rank 0's COCOeval (the other ranks wait there).
-    """
+    coco_uri: str
+    index: CocoIndex
+    loader: Any  # a DataLoader of (images, targets, metas); its workers start afresh for each evaluation
+    ground_truth: Any | None  # rank 0 only
+
+
+def build_validation(split: SplitConfig, config: Config, env: DistEnv) -> ValidationSet:
+    """The split's ``ValidationSet``: a broken COCO file is refused here, at start-up, with one line."""
     index = load_coco_index(split.coco, keep_document=env.is_main)  # the repaired ground truth, for rank 0
     dataset = CocoDetection(index, split.images, build_transforms("none", train=False, mean=config.data.mean,
                                                                   std=config.data.std),
                             drop_empty=False, strict=config.data.strict, max_pixels=config.data.max_pixels)
-    sampler = ResumableDistributedBatchSampler(len(dataset), config.data.batch_size, env.world_size, env.rank,
-                                               shuffle=False)
-    loader = build_loader(dataset, sampler, workers=config.data.workers, persistent_workers=False)
-    evaluator = DistributedEvaluator(index.category_ids)
-    for outputs, targets in predict_batches(model, loader, env.device, autocast_dtype):
-        evaluator.update(outputs, targets)
-        if should_stop is not None and should_stop():
-            raise EvaluationStopped(f"the evaluation on {split.coco} was stopped")
-    if before_gather is not None:
-        before_gather()
-    gt = None
+    # This rank's batches, fixed: the same every evaluation (a resumable sampler would yield nothing once
+    # iterated to the end), as many on every rank (the sampler pads), so a per-batch collective cannot hang.
+    batches = list(ResumableDistributedBatchSampler(len(dataset), config.data.batch_size, env.world_size, env.rank,
+                                                    shuffle=False))
+    loader = build_loader(dataset, batches, workers=config.data.workers, persistent_workers=False)
+    ground_truth = None
     if env.is_main:
         assert index.document is not None  # loaded above with keep_document=True
-        gt = load_ground_truth(index.document)
-    return evaluator.finish(env, gt)
+        ground_truth = load_ground_truth(index.document)
+    return ValidationSet(split.coco, index, loader, ground_truth)
+
+
+def evaluate(model: nn.Module, validation: ValidationSet, env: DistEnv, autocast_dtype: torch.dtype | None = None,
+             should_stop: Callable[[], bool] | None = None,
+             before_gather: Callable[[], None] | None = None) -> EvalResult | None:
+    """COCO mAP of ``model`` on ``validation``: every rank predicts its share, rank 0 scores (None elsewhere).
+
+    ``should_stop`` is called by every rank after each batch (the ranks hold equal batch counts, so it may run a
+    collective): True abandons the evaluation with ``EvaluationStopped``. ``before_gather`` runs once the
+    predictions are done, before rank 0 scores them (the other ranks wait there).
+    """
+    evaluator = DistributedEvaluator(validation.index.category_ids)
+    for outputs, targets in predict_batches(model, validation.loader, env.device, autocast_dtype):
+        evaluator.update(outputs, targets)
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped(f"the evaluation on {validation.coco_uri} was stopped")
+    if before_gather is not None:
+        before_gather()
+    return evaluator.finish(env, validation.ground_truth)
+
+
+def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: DistEnv,
+                   autocast_dtype: torch.dtype | None = None) -> EvalResult | None:
+    """One evaluation of ``model`` on ``split`` (``trainer eval``); a training run keeps its ``ValidationSet``."""
+    return evaluate(model, build_validation(split, config, env), env, autocast_dtype)
 
 
 class EvaluationStopped(Exception):

@@ -18,7 +18,7 @@ from trainer.config import Config
 from trainer.distributed import DistEnv, broadcast_object, shutdown
 from trainer.engine import StepOutcome, train_step
 from trainer.exit_codes import EXIT_OK, EXIT_PREEMPTED
-from trainer.inference import EvaluationStopped, evaluate_split
+from trainer.inference import EvaluationStopped, evaluate
 from trainer.progress import ProgressLine, format_eval, format_progress
 from trainer.run import Run, start_run, take_run_lease
 from trainer.stop_signal import StopSignal
@@ -122,9 +122,10 @@ def evaluate_epoch(run: Run, epoch: int) -> float | None:
     A stop request is agreed after every batch (so a long evaluation never outlasts the grace period); the
     watchdog is re-armed per batch and paused while rank 0 runs COCOeval.
     """
-    config, env = run.config, run.env
+    config, env, validation = run.config, run.env, run.validation
+    assert validation is not None  # evaluates_after() is False without a validation split
     if env.is_main:
-        log.info("evaluating epoch %d on %s", epoch + 1, config.data.val.coco)
+        log.info("evaluating epoch %d on %s", epoch + 1, validation.coco_uri)
     run.watchdog.beat()
     batch_started = time.perf_counter()
 
@@ -140,8 +141,8 @@ def evaluate_epoch(run: Run, epoch: int) -> float | None:
                         epoch + 1)
         return True
 
-    result = evaluate_split(run.evaluated, config.data.val, config, env, run.autocast_dtype,
-                            should_stop=after_batch, before_gather=run.watchdog.pause)
+    result = evaluate(run.evaluated, validation, env, run.autocast_dtype, should_stop=after_batch,
+                      before_gather=run.watchdog.pause)
     metric: float | None = None
     if result is not None:
         metric = result.stats[config.eval.metric]

@@ -34,6 +34,8 @@ from trainer.data.transforms import build_transforms
 from trainer.distributed import DistEnv, broadcast_object
 from trainer.engine import ModelEma, TrainState
 from trainer.exit_codes import EXIT_PREEMPTED
+from trainer.inference import ValidationSet
+from trainer.inference import build_validation as build_validation_set
 from trainer.lease import RunLease, RunLeaseHeld
 from trainer.optim import SampleSchedule, build_optimizer, lr_scale
 from trainer.progress import ProgressMeter, SampleClock
@@ -60,6 +62,7 @@ class Run:
     stop: StopSignal
     lease: RunLease | None
     data: TrainData
+    validation: ValidationSet | None  # built once, evaluated after every eval.every_epochs epochs
     trainables: Trainables
     ddp: torch.nn.Module  # the model as trained (DDP-wrapped when distributed)
     autocast_dtype: torch.dtype | None
@@ -87,7 +90,7 @@ class Run:
 
     def evaluates_after(self, epoch: int) -> bool:
         every, last = self.config.eval.every_epochs, epoch + 1 == self.config.schedule.epochs
-        return bool(self.config.data.val.coco) and bool(every) and ((epoch + 1) % every == 0 or last)
+        return self.validation is not None and bool(every) and ((epoch + 1) % every == 0 or last)
 
     @property
     def best(self) -> float | None:
@@ -152,8 +155,7 @@ def start_run(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | 
         torch.use_deterministic_algorithms(True, warn_only=True)
     lookup = start_resume_lookup(config, prefetch)
     data = build_train_data(config, env)
-    if config.data.val.coco:  # a broken val file is refused now (exit 2), not after the first epoch
-        load_coco_index(config.data.val.coco)
+    validation = build_validation(config, env)  # a broken val file is refused now (exit 2), not after an epoch
     if stopped_during_startup(stop, "reading the data index"):
         return None
     trainables, clock, autocast_dtype = build_trainables(config, env, data)
@@ -167,7 +169,7 @@ def start_run(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | 
             lease.fence()
         storage.write_text(storage.join(config.run_uri, "config.yaml"), config.to_yaml())
         log.info("run outputs under %s", config.run_uri)
-    return assemble(config, env, stop, lease, data, trainables, clock, autocast_dtype, resumed)
+    return assemble(config, env, stop, lease, data, validation, trainables, clock, autocast_dtype, resumed)
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -203,6 +205,18 @@ def build_train_data(config: Config, env: DistEnv) -> TrainData:
     return TrainData(dataset, sampler, build_loader(dataset, sampler, workers=config.data.workers))
 
 
+def build_validation(config: Config, env: DistEnv) -> ValidationSet | None:
+    """The validation split, prepared once for every evaluation of the run (None without ``data.val.coco`` or
+    with ``eval.every_epochs: 0``)."""
+    if not config.data.val.coco or not config.eval.every_epochs:
+        return None
+    validation = build_validation_set(config.data.val, config, env)
+    if env.is_main:
+        log.info("validation: %d images from %s, prepared once for every evaluation", len(validation.index.images),
+                 config.data.val.coco)
+    return validation
+
+
 def build_trainables(config: Config, env: DistEnv, data: TrainData,
                      ) -> tuple[Trainables, SampleClock, torch.dtype | None]:
     """The model, optimizer, sample-based schedule, EMA and AMP scaler; the sample clock the schedule follows;
@@ -227,8 +241,8 @@ def build_trainables(config: Config, env: DistEnv, data: TrainData,
 
 
 def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | None, data: TrainData,
-             trainables: Trainables, clock: SampleClock, autocast_dtype: torch.dtype | None,
-             resumed: ResumePoint | None) -> Run:
+             validation: ValidationSet | None, trainables: Trainables, clock: SampleClock,
+             autocast_dtype: torch.dtype | None, resumed: ResumePoint | None) -> Run:
     """The run at its starting point (a resumed one where its checkpoint left it)."""
     start_epoch, record = (resumed.epoch, resumed.record) if resumed else (0, EvalRecord())
     pending_eval = resumed.pending_eval if resumed else False
@@ -251,5 +265,6 @@ def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | N
     trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None
     position = data.sampler.state_dict()["position"] if resumed and not pending_eval else 0
     clock.set(start_epoch + pending_eval, position)
-    return Run(config, env, stop, lease, data, trainables, ddp, autocast_dtype, clock, ProgressMeter(clock.done),
-               checkpointing, watchdog, run_log, LoaderStats(), trace, start_epoch, record, pending_eval)
+    return Run(config, env, stop, lease, data, validation, trainables, ddp, autocast_dtype, clock,
+               ProgressMeter(clock.done), checkpointing, watchdog, run_log, LoaderStats(), trace, start_epoch, record,
+               pending_eval)

@@ -33,6 +33,7 @@ def test_two_processes_train_evaluate_and_write_outputs(tmp_path: Path) -> None:
     progress = [p for p in map(parse_progress, output.splitlines()) if p is not None]
     assert progress and progress[-1].epoch == 2 and progress[-1].epochs == 2
     assert "[rank 0]" in output and "[rank 1]" in output  # both ranks log, tagged
+    assert output.count("prepared once for every evaluation") == 1 and output.count("evaluating epoch") == 2
 
     run = tmp_path / "runs" / "smoke"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,8 +1,10 @@
-"""Shared fixtures: a real S3-compatible server (moto) on loopback, fresh buckets, and the fault proxy.
+"""Shared fixtures: a real S3-compatible server (moto) on loopback, fresh buckets, the fault proxy, and a real
+MLflow tracking server on loopback.
 
 Before anything runs, the AWS environment is pinned to loopback: no profile, no shared config, no instance
 metadata look-ups, and a default endpoint on a closed local port, so a test that forgets a fixture fails
-locally instead of sending anything off this machine.
+locally instead of sending anything off this machine. MLflow settings from outside are dropped and its usage
+telemetry is turned off, for this process and every subprocess it starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import boto3
 import pytest
 
 from tests.support.fault_proxy import FaultPlan, FaultProxy
+from tests.support.mlflow_server import MlflowServer
 from trainer.local_s3 import LocalS3Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,6 +41,18 @@ def _pin_aws_env_to_loopback() -> None:
 
 
 _pin_aws_env_to_loopback()
+
+
+def _pin_mlflow_env() -> None:
+    """No tracking server, token or registry from the developer's shell; no MLflow usage reports (MLflow 3
+    sends them by default from clients and servers; either variable turns them off)."""
+    for name in list(os.environ):
+        if name.startswith("MLFLOW_"):
+            del os.environ[name]
+    os.environ.update({"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"})
+
+
+_pin_mlflow_env()
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +95,17 @@ def fault_proxy(s3: S3Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultPro
     with FaultProxy(s3.server.host, s3.server.port or 0, FaultPlan()) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         yield proxy
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite, proxied artifacts), shared by the session: its start costs
+    tens of seconds. A test may stop it; use ``mlflow_url`` to have it running again."""
+    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture
+def mlflow_url(mlflow_server: MlflowServer) -> str:
+    """The running server's address (restarted, on the same port with the same data, if a test stopped it)."""
+    return mlflow_server.ensure_running().url

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -33,6 +34,13 @@ AUGMENT_PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
 # COCOeval's bbox summary, in its order (trainer.evaluation names its numbers with these).
 EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
 EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+# log.mlflow.tracking_uri: what MlflowClient takes as a tracking store (s3:// is an artifact store, not one).
+MLFLOW_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy URIs, e.g. postgresql+psycopg2://
+MLFLOW_URI_HINT = ("use http(s)://HOST:PORT of an MLflow server, a local folder or file: URI, or a database URI "
+                   "(sqlite:, postgresql:, mysql:, mssql:)")
+MAX_MLFLOW_NAME = 500  # MLflow's limit on experiment names (run names get the same bound)
 
 
 # Pillow's decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS, about 9459 x 9459): a larger image is refused
@@ -448,6 +456,7 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     _validate_model(config.model, check)
     _validate_optimisation(config, check)
     _validate_run_outputs(config, check)
+    _validate_mlflow(config.log.mlflow, check, tracks=require_data)
 
 
 def _validate_data(data: DataConfig, check: Check) -> None:
@@ -533,3 +542,34 @@ def _validate_run_outputs(config: Config, check: Check) -> None:
     check(config.log.sample_trace is None or not storage.is_s3(config.log.sample_trace), "log.sample_trace",
           "must be a local folder")
     check(config.log.every_steps >= 1, "log.every_steps", "must be at least 1")
+
+
+def _validate_mlflow(mlflow: MlflowConfig, check: Check, tracks: bool = True) -> None:
+    """log.mlflow: a tracking URI MLflow takes, names within MLflow's limits, and (``tracks``: a training run,
+    not ``trainer predict`` reading a run's config) the client installed, found now rather than at the first
+    metric. ``find_spec`` imports nothing."""
+    check(bool(mlflow.experiment.strip()) and len(mlflow.experiment) <= MAX_MLFLOW_NAME, "log.mlflow.experiment",
+          f"must be a name of 1 to {MAX_MLFLOW_NAME} characters, got {quote(mlflow.experiment, 80)}")
+    check(mlflow.run_name is None or (bool(mlflow.run_name.strip()) and len(mlflow.run_name) <= MAX_MLFLOW_NAME),
+          "log.mlflow.run_name", f"must be null (run.name) or a name of 1 to {MAX_MLFLOW_NAME} characters, "
+          f"got {quote(mlflow.run_name, 80)}")
+    if mlflow.tracking_uri is None:
+        return
+    problem = _tracking_uri_problem(mlflow.tracking_uri)
+    check(problem is None, "log.mlflow.tracking_uri", f"{problem}, got {quote(mlflow.tracking_uri, 80)}")
+    check(not tracks or importlib.util.find_spec("mlflow") is not None, "log.mlflow.tracking_uri",
+          "MLflow tracking needs the mlflow client: pip install 'detection-trainer[mlflow]'")
+
+
+def _tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow would not take ``uri`` as a tracking URI, or None."""
+    if not uri.strip() or len(uri) > 2000 or any(c.isspace() or not c.isprintable() for c in uri):
+        return "must be a tracking URI without spaces, at most 2000 characters (null turns tracking off)"
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):", uri)
+    scheme = match[1].lower() if match else ""  # no scheme: a local folder (MLflow's file store)
+    if scheme in ("http", "https"):
+        host = re.match(r"https?://([^/?#@]*@)?[^/?#:@]+", uri, re.IGNORECASE)
+        return None if host else "needs a host (http://HOST:PORT)"
+    if scheme in ("", "file", "databricks") or scheme.partition("+")[0] in MLFLOW_DB_SCHEMES:
+        return None
+    return f"unsupported scheme {scheme!r}; {MLFLOW_URI_HINT}"

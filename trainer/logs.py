@@ -13,7 +13,7 @@ from typing import TextIO
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Libraries that are chatty at INFO/DEBUG; they speak only from WARNING unless we run at DEBUG.
-_NOISY = ("botocore", "boto3", "s3transfer", "urllib3", "werkzeug", "moto", "matplotlib", "PIL")
+_NOISY = ("botocore", "boto3", "s3transfer", "urllib3", "werkzeug", "moto", "matplotlib", "PIL", "mlflow")
 
 
 def rank_from_env() -> int | None:

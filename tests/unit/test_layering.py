@@ -87,13 +87,14 @@ def import_chain(module: str, forbidden: set[str]) -> list[str] | None:
 
 # DESIGN.md: annotations/ and storage.py never import torch; the CLI, the training entry point, the checkpoint
 # mechanism and the lease stay torch-free too (a resumed run fetches its checkpoint while torch is imported);
-# plots and progress lines serve `trainer watch` and the metrics log beside training.
+# plots and progress lines serve `trainer watch` and the metrics log beside training; MLflow tracking runs beside
+# training too (and imports mlflow only when it is on).
 TORCH_FREE = sorted(
     [name for name in MODULES if name.startswith("trainer.annotations")]
     + ["trainer.storage", "trainer.config", "trainer.cli", "trainer.train", "trainer.lease", "trainer.checkpoint",
        "trainer.checkpoint.layout", "trainer.checkpoint.commit", "trainer.checkpoint.store", "trainer.progress",
        "trainer.plots", "trainer.run_log", "trainer.watch", "trainer.exit_codes", "trainer.errors", "trainer.logs",
-       "trainer.stop_signal"])
+       "trainer.stop_signal", "trainer.tracking"])
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)

@@ -26,6 +26,8 @@ from trainer.weights import save_weights
 
 log = logging.getLogger("trainer.train")
 
+TRACKER_CLOSE_SECONDS = 5.0  # at most this long sending what the MLflow tracker still holds; the rest is dropped
+
 
 def train(config: Config, env: DistEnv, force: bool = False, stop: StopSignal | None = None,
           prefetch: LatestPrefetch | None = None) -> int:
@@ -33,9 +35,15 @@ def train(config: Config, env: DistEnv, force: bool = False, stop: StopSignal | 
     not touched)."""
     stop = stop or StopSignal().install()
     lease = take_run_lease(config, env)
+    run = None
     try:
         run = start_run(config, env, stop, lease, prefetch, force)
         return EXIT_PREEMPTED if run is None else train_epochs(run)
+    except BaseException:
+        if run is not None:  # the tracked run says so; a restarted job sets it running again
+            run.tracker.finish("FAILED")
+            run.tracker.close(timeout=TRACKER_CLOSE_SECONDS)
+        raise
     finally:
         if lease is not None:
             lease.release()
@@ -154,8 +162,10 @@ def evaluate_epoch(run: Run, epoch: int) -> float | None:
                           "evals_without_improvement": run.record.stale_evals})
         if improved:
             run.fence()
-            save_weights(storage.join(config.run_uri, "model_best.pt"), run.evaluated.state_dict(), config.model,
-                         run.data.dataset.index)
+            best_uri = storage.join(config.run_uri, "model_best.pt")
+            save_weights(best_uri, run.evaluated.state_dict(), config.model, run.data.dataset.index)
+            run.tracker.set_tags({"trainer.best_weights": best_uri, f"trainer.best_{config.eval.metric}": metric,
+                                  "trainer.best_step": run.trainables.state.step})
     metric, run.record.best, run.record.stale_evals = broadcast_object(
         env, (metric, run.record.best, run.record.stale_evals))
     return metric
@@ -169,6 +179,9 @@ def finish(run: Run) -> int:
         run.fence()
         save_weights(final_uri, run.evaluated.state_dict(), run.config.model, run.data.dataset.index)
         run.run_log.close()
+        run.tracker.set_tags({"trainer.final_weights": final_uri})
+        run.tracker.finish("FINISHED")
+        run.tracker.close(timeout=TRACKER_CLOSE_SECONDS)
         log.info("finished %d steps in %.1f s (checkpoint stalls %.1f s); final weights: %s",
                  run.trainables.state.step, run.meter.elapsed, run.checkpointing.stall_seconds, final_uri)
     run.checkpointing.close()
@@ -180,6 +193,8 @@ def preempted(run: Run) -> int:
     """After the stop checkpoint: flush the logs, leave the group, and say so with EXIT_PREEMPTED."""
     run.checkpointing.close()
     run.run_log.close()
+    run.tracker.finish("PREEMPTED")  # left running, tagged preempted: the restarted job continues it
+    run.tracker.close(timeout=TRACKER_CLOSE_SECONDS)
     if run.env.is_main:
         since = time.monotonic() - run.stop.at if run.stop.at is not None else 0.0
         log.warning("stopped by %s: checkpoint committed %.1f s after the signal; exiting with code %d "

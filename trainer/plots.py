@@ -2,8 +2,8 @@
 
 Curves are rendered with ``matplotlib.figure.Figure`` and the Agg canvas directly, never ``pyplot``: no global
 figure registry or backend switch, so this is headless and safe to call from a background thread while training
-goes on. Every function returns PNG bytes; only ``write_plots`` touches storage. No torch here: the metrics log
-that calls this runs beside training and should not pull in torchvision.
+goes on. Every function returns PNG bytes; the run log writes them (``run_log.py``). No torch here: the metrics
+log that calls this runs beside training and should not pull in torchvision.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-
-from trainer import storage
 
 PLOT_SIZE_PX: tuple[int, int] = (1200, 800)  # width, height of every curve PNG
 _DPI = 100
@@ -202,13 +200,3 @@ def render_plots(records: Iterable[Mapping[str, Any]]) -> dict[str, bytes]:
     if per_class:
         out["per_class_ap.png"] = _per_class_png(per_class)
     return out
-
-
-def write_plots(records: Iterable[Mapping[str, Any]], out_dir_uri: str) -> list[str]:
-    """Render and write every plot under ``out_dir_uri`` (local or s3://); returns the written URIs."""
-    written = []
-    for name, data in render_plots(records).items():
-        uri = storage.join(out_dir_uri, name)
-        storage.write_bytes(uri, data)
-        written.append(uri)
-    return written

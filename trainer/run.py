@@ -41,6 +41,7 @@ from trainer.optim import SampleSchedule, build_optimizer, lr_scale
 from trainer.progress import ProgressMeter, SampleClock
 from trainer.run_log import RunLog
 from trainer.stop_signal import StopSignal
+from trainer.tracking import Tracker, open_tracker
 from trainer.watchdog import ProgressWatchdog
 
 log = logging.getLogger("trainer.train")
@@ -71,6 +72,7 @@ class Run:
     checkpointing: Checkpointing
     watchdog: ProgressWatchdog
     run_log: RunLog
+    tracker: Tracker  # MLflow on rank 0 when log.mlflow is set; a no-op otherwise
     loader_stats: LoaderStats
     trace: SampleTrace | None
     start_epoch: int
@@ -240,6 +242,17 @@ def build_trainables(config: Config, env: DistEnv, data: TrainData,
     return trainables, clock, autocast_dtype
 
 
+def start_tracking(config: Config, env: DistEnv, resumed: ResumePoint | None) -> Tracker:
+    """Rank 0's MLflow tracker (a no-op elsewhere or when off). A run resumed from its own latest checkpoint goes
+    on logging to the MLflow run that checkpoint names; steps it redoes are not logged twice (the tracker skips
+    steps the MLflow run already has)."""
+    tracker = open_tracker(config.log.mlflow, config.run_uri, config.run.name, env.rank)
+    own = resumed is not None and config.checkpoint.resume == "auto"  # another run's checkpoint: a new MLflow run
+    tracker.start(resumed.tracking.get("mlflow_run_id") if own and resumed else None, config.to_dict())
+    tracker.set_tags({"trainer.world_size": env.world_size})
+    return tracker
+
+
 def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | None, data: TrainData,
              validation: ValidationSet | None, trainables: Trainables, clock: SampleClock,
              autocast_dtype: torch.dtype | None, resumed: ResumePoint | None) -> Run:
@@ -257,14 +270,16 @@ def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | N
     ddp = model
     if env.distributed:
         ddp = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    run_log = RunLog(config.run_uri, active=env.is_main, tensorboard=config.log.tensorboard)
+    tracker = start_tracking(config, env, resumed)
+    run_log = RunLog(config.run_uri, active=env.is_main, tensorboard=config.log.tensorboard, tracker=tracker)
     if resumed:
         run_log.forget_after(resumed.step)  # steps after the checkpoint are about to be redone
     watchdog = ProgressWatchdog(config.train.hang_timeout_seconds, env.rank)
-    checkpointing = Checkpointing(config, env, trainables, record, stop, data.dataset.index, lease, watchdog)
+    checkpointing = Checkpointing(config, env, trainables, record, stop, data.dataset.index, lease, watchdog,
+                                  tracking=lambda: {"mlflow_run_id": tracker.run_id} if tracker.run_id else {})
     trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None
     position = data.sampler.state_dict()["position"] if resumed and not pending_eval else 0
     clock.set(start_epoch + pending_eval, position)
     return Run(config, env, stop, lease, data, validation, trainables, ddp, autocast_dtype, clock,
-               ProgressMeter(clock.done), checkpointing, watchdog, run_log, LoaderStats(), trace, start_epoch, record,
-               pending_eval)
+               ProgressMeter(clock.done), checkpointing, watchdog, run_log, tracker, LoaderStats(), trace, start_epoch,
+               record, pending_eval)

@@ -4,7 +4,9 @@
   kept in memory and rewritten whole, at most every ``flush_seconds`` (and after every evaluation and at the end);
 * ``plots/*.png``: loss, lr and mAP curves and per-class AP bars, redrawn after each evaluation;
 * ``tensorboard/``: event files when ``log.tensorboard`` is on, written to a local folder and copied to the run
-  (TensorBoard's writer cannot write to S3 itself).
+  (TensorBoard's writer cannot write to S3 itself);
+* the MLflow run (``log.mlflow``): the same scalars, named as in TensorBoard, and the plots, through a tracker that
+  never blocks (``trainer/tracking.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import time
 from typing import Any
 
 from trainer import storage
-from trainer.plots import write_plots
+from trainer.plots import render_plots
+from trainer.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,17 @@ def strict_json_values(value: Any) -> Any:
     return value
 
 
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A record's numbers as ``<kind>/<key>`` scalars (per-class AP as ``<kind>/AP_<class>``), for TensorBoard and
+    MLflow alike; the step, epoch and time are the axes, not scalars."""
+    kind = record.get("kind")
+    values = {f"{kind}/{key}": value for key, value in record.items()
+              if isinstance(value, int | float) and not isinstance(value, bool)
+              and key not in ("step", "epoch", "time")}
+    values.update({f"{kind}/AP_{name}": value for name, value in (record.get("per_class_ap") or {}).items()})
+    return values
+
+
 class TensorBoardLog:
     """Scalars of each record as TensorBoard events; ``sync`` copies the event files into the run."""
 
@@ -74,12 +88,8 @@ class TensorBoardLog:
         self.writer = SummaryWriter(self.local)
 
     def write(self, record: dict[str, Any]) -> None:
-        kind, step = record.get("kind"), record.get("step", 0)
-        for key, value in record.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "epoch", "time"):
-                self.writer.add_scalar(f"{kind}/{key}", value, step)
-        for name, value in (record.get("per_class_ap") or {}).items():
-            self.writer.add_scalar(f"{kind}/AP_{name}", value, step)
+        for name, value in scalars(record).items():
+            self.writer.add_scalar(name, value, record.get("step", 0))
 
     def sync(self) -> None:
         self.writer.flush()
@@ -94,8 +104,10 @@ class TensorBoardLog:
 class RunLog:
     """Everything rank 0 records about a run; a no-op on other ranks (construct with ``active=False``)."""
 
-    def __init__(self, run_uri: str, active: bool, tensorboard: bool = False, flush_seconds: float = 60.0) -> None:
+    def __init__(self, run_uri: str, active: bool, tensorboard: bool = False, flush_seconds: float = 60.0,
+                 tracker: Tracker | None = None) -> None:
         self.run_uri = run_uri
+        self.tracker = tracker or NullTracker()
         self.metrics = MetricsLog(storage.join(run_uri, "metrics.jsonl"), flush_seconds) if active else None
         self.tensorboard = TensorBoardLog(storage.join(run_uri, "tensorboard")) if active and tensorboard else None
 
@@ -115,10 +127,13 @@ class RunLog:
         """An evaluation: flushed at once, and the plots are redrawn from the whole history."""
         self._write({"kind": "eval", **record}, force=True)
         if self.metrics is not None:
-            try:
-                write_plots(self.metrics.records, storage.join(self.run_uri, "plots"))
-            except storage.StorageError as exc:  # pictures are a convenience: never stop training for them
-                log.warning("plots not written: %s", exc)
+            for name, data in render_plots(self.metrics.records).items():
+                self.tracker.log_artifact_bytes(f"plots/{name}", data)
+                try:
+                    storage.write_bytes(storage.join(self.run_uri, "plots", name), data)
+                except storage.StorageError as exc:  # pictures are a convenience: never stop training for them
+                    log.warning("plots not written: %s", exc)
+                    break
         if self.tensorboard is not None:
             self.tensorboard.sync()
 
@@ -127,6 +142,8 @@ class RunLog:
             self.metrics.write(record, force=force)
         if self.tensorboard is not None:
             self.tensorboard.write(record)
+        if isinstance(record.get("step"), int):
+            self.tracker.log_metrics(scalars(record), record["step"])
 
     def close(self) -> None:
         if self.metrics is not None:

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from trainer.drawing import PALETTE, draw_detections, encode_png, label_color
-from trainer.plots import PLOT_SIZE_PX, render_plots, smooth, write_plots
+from trainer.plots import PLOT_SIZE_PX, render_plots, smooth
+from trainer.run_log import RunLog
 
 CLASSES = ["RBC", "WBC", "Platelets", "Sickle", "Blast"]
 
@@ -117,12 +118,14 @@ def test_smoothing_is_bias_corrected_and_follows_a_constant() -> None:
     assert out[0] == 1.0 and 0.0 < out[-1] < out[10] < 1.0
 
 
-def test_write_plots_writes_each_file(tmp_path: Path) -> None:
-    records = [_train(1), _train(2), _eval(1, {"RBC": 0.5})]
-    uris = write_plots(records, str(tmp_path / "plots"))
-    assert sorted(Path(uri).name for uri in uris) == ["loss.png", "lr.png", "map.png", "per_class_ap.png"]
-    for uri in uris:
-        assert _open_png(Path(uri).read_bytes()).size[0] == 1200
+def test_the_run_log_writes_every_plot_after_an_evaluation(tmp_path: Path) -> None:
+    run_log = RunLog(str(tmp_path), active=True)
+    run_log.train({"epoch": 1, "step": 1, "loss": 1.0, "lr": 0.01})
+    run_log.eval({"epoch": 1, "step": 1, "AP": 0.25, "per_class_ap": {"RBC": 0.5}})
+    written = sorted((tmp_path / "plots").iterdir())
+    assert [p.name for p in written] == ["loss.png", "lr.png", "map.png", "per_class_ap.png"]
+    for path in written:
+        assert _open_png(path.read_bytes()).size[0] == 1200
 
 
 # ---------------------------------------------------------------------------------------- detections

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from trainer.checkpoint import CheckpointError, LoadedCheckpoint
-from trainer.checkpoint.state import EvalRecord, check_config, check_resumable, config_changes, rng_state, set_rng_state
+from trainer.checkpoint.state import (
+    EvalRecord,
+    check_config,
+    check_resumable,
+    config_changes,
+    rng_state,
+    set_rng_state,
+    tracking_ids,
+)
 from trainer.config import ConfigError, load_config
 
 DATA = ["data.train.coco=/d/train.json", "data.train.images=/d/images"]
@@ -83,3 +91,21 @@ def test_a_damaged_evaluation_record_makes_the_checkpoint_corrupt(state: dict[st
     check_resumable(_resumable_checkpoint())  # the undamaged shape passes
     with pytest.raises(CheckpointError, match=r"best|stale_evals"):
         check_resumable(_resumable_checkpoint(**state))
+
+
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.mark.parametrize("damaged", [
+    {"mlflow_run_id": "../../runs/other"}, {"mlflow_run_id": 7}, {"mlflow_run_id": RUN_ID.upper()},
+    {"mlflow_run_id": RUN_ID, "extra": "x"}, ["mlflow_run_id", RUN_ID], "0123",
+])
+def test_a_damaged_tracking_entry_is_ignored_with_a_warning_not_used(damaged: object,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    assert tracking_ids(damaged, "ckpt") == {}
+    assert "not a valid MLflow run id" in caplog.text
+
+
+def test_a_valid_or_absent_tracking_entry_is_kept_as_it_is() -> None:
+    assert tracking_ids({"mlflow_run_id": RUN_ID}, "ckpt") == {"mlflow_run_id": RUN_ID}
+    assert tracking_ids(None, "ckpt") == tracking_ids({}, "ckpt") == {}

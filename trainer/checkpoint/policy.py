@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -46,8 +47,10 @@ class Checkpointing:
     """
 
     def __init__(self, config: Config, env: DistEnv, trainables: Trainables, record: EvalRecord, stop: StopSignal,
-                 index: CocoIndex, lease: RunLease | None, watchdog: ProgressWatchdog) -> None:
+                 index: CocoIndex, lease: RunLease | None, watchdog: ProgressWatchdog,
+                 tracking: Callable[[], dict[str, str]] = dict) -> None:
         self.config, self.env, self.t, self.stop, self.lease = config, env, trainables, stop, lease
+        self.tracking = tracking  # the experiment-tracking ids to keep in each checkpoint (rank 0 knows them)
         self.record, self.watchdog = record, watchdog  # the run's evaluation history: saved with every checkpoint
         self.classes: dict[str, list[Any]] = {"category_ids": list(index.category_ids),
                                               "category_names": list(index.category_names)}
@@ -104,7 +107,8 @@ class Checkpointing:
         started = time.perf_counter()
         snapshot = take_snapshot(self.t, self.env, self.config, epoch=epoch, epoch_done=epoch_done,
                                  consumed_batches=consumed_batches, record=self.record, metric=metric,
-                                 classes=self.classes, eval_pending=eval_pending)
+                                 classes=self.classes, eval_pending=eval_pending,
+                                 tracking=self.tracking() if self.env.is_main else None)
         if self.writer is not None and snapshot is not None:
             self.writer.submit(snapshot)
             if wait:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -74,6 +75,7 @@ class ResumePoint:
     record: EvalRecord
     step: int
     pending_eval: bool = False  # stopped during this epoch's evaluation: evaluate it before anything else
+    tracking: dict[str, str] = field(default_factory=dict)  # e.g. the MLflow run id this run logs to
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -103,7 +105,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------ saving
 def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, epoch_done: bool,
                   consumed_batches: int, record: EvalRecord, metric: float | None,
-                  classes: dict[str, list[Any]] | None = None, eval_pending: bool = False) -> Snapshot | None:
+                  classes: dict[str, list[Any]] | None = None, eval_pending: bool = False,
+                  tracking: dict[str, str] | None = None) -> Snapshot | None:
     """A CPU copy of the whole training state (a collective: every rank calls it at the same step; rank 0 gets
     the snapshot, the others None)."""
     rngs = all_gather_objects(env, rng_state())
@@ -120,7 +123,7 @@ def take_snapshot(t: Trainables, env: DistEnv, config: Config, *, epoch: int, ep
         "loop": {k: v for k, v in asdict(t.state).items() if k != "history"},
         "sampler": t.sampler.state_dict(consumed_batches=consumed_batches) if not epoch_done else None,
         "best": record.best, "stale_evals": record.stale_evals, "metric": metric, "world_size": env.world_size,
-        "classes": classes,
+        "classes": classes, "tracking": dict(tracking or {}),
         "config": config.to_dict(), "config_digest": config.digest(),
         "versions": {"trainer": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__},
     }
@@ -242,4 +245,20 @@ def restore(t: Trainables, checkpoint: LoadedCheckpoint, env: DistEnv) -> Resume
              f"epoch {epoch + 1}, {t.sampler.state_dict()['position']} samples into it")
     log.info("resumed from %s: step %d, %s (%s)", checkpoint.uri, t.state.step, where, same)
     record = EvalRecord(state.get("best"), int(state.get("stale_evals", 0)))  # absent: a checkpoint from before
-    return ResumePoint(epoch, record, t.state.step, pending_eval)
+    return ResumePoint(epoch, record, t.state.step, pending_eval, tracking_ids(state.get("tracking"), checkpoint.uri))
+
+
+TRACKING_ID = re.compile(r"[0-9a-f]{32}")  # an MLflow run id
+
+
+def tracking_ids(value: Any, source: str) -> dict[str, str]:
+    """The experiment-tracking ids a checkpoint names. They are not training state: a damaged entry is ignored
+    with a warning (the run then starts a new tracked run) instead of making the checkpoint CORRUPT."""
+    if value is None:
+        return {}  # a checkpoint from before tracking
+    run_id = value.get("mlflow_run_id") if isinstance(value, dict) else None
+    if isinstance(value, dict) and set(value) <= {"mlflow_run_id"} and (
+            run_id is None or (isinstance(run_id, str) and TRACKING_ID.fullmatch(run_id))):
+        return {"mlflow_run_id": run_id} if run_id else {}
+    log.warning("%s: its tracking entry is not a valid MLflow run id; ignored (a new MLflow run starts)", source)
+    return {}

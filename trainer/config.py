@@ -31,8 +31,9 @@ SUPPORTED_MODELS = (
     "fcos_resnet50_fpn", "ssd300_vgg16", "ssdlite320_mobilenet_v3_large",
 )
 AUGMENT_PRESETS = ("none", "hflip", "multiscale", "lsj", "ssd")
-# COCOeval's bbox summary, in its order (trainer.evaluation names its numbers with these).
+# The libraries that compute COCO mAP (trainer.evaluation); faster-coco-eval comes with the `fast-eval` extra.
 EVAL_BACKENDS = ("pycocotools", "faster-coco-eval")
+# COCOeval's bbox summary, in its order (trainer.evaluation names its numbers with these).
 EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
@@ -455,7 +456,7 @@ def validate(config: Config, source: str, require_data: bool = True) -> None:
     _validate_data(config.data, check)
     _validate_model(config.model, check)
     _validate_optimisation(config, check)
-    _validate_run_outputs(config, check)
+    _validate_run_outputs(config, check, evaluates=require_data)
     _validate_mlflow(config.log.mlflow, check, tracks=require_data)
 
 
@@ -520,8 +521,9 @@ def _validate_optimisation(config: Config, check: Check) -> None:
     check(config.optim.reference_batch >= 1, "optim.reference_batch", "must be at least 1")
 
 
-def _validate_run_outputs(config: Config, check: Check) -> None:
-    """eval, checkpoint and log: what the run writes, and when."""
+def _validate_run_outputs(config: Config, check: Check, evaluates: bool = True) -> None:
+    """eval, checkpoint and log: what the run writes, and when. ``evaluates``: False for a config read only for
+    its model section (``trainer predict``), which needs no evaluation library installed."""
     check(config.checkpoint.lease_ttl_seconds >= 5, "checkpoint.lease_ttl_seconds",
           f"must be at least 5, got {config.checkpoint.lease_ttl_seconds}")
     check(config.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps",
@@ -530,6 +532,9 @@ def _validate_run_outputs(config: Config, check: Check) -> None:
           f"unknown metric {config.eval.metric!r}; choose one of {', '.join(EVAL_METRICS)}")
     check(config.eval.backend in EVAL_BACKENDS, "eval.backend",
           f"unknown backend {quote(config.eval.backend, 80)}; choose one of {', '.join(EVAL_BACKENDS)}")
+    # Found missing now, not at the first evaluation hours into the run; find_spec imports nothing.
+    check(not evaluates or config.eval.backend != "faster-coco-eval" or importlib.util.find_spec("faster_coco_eval")
+          is not None, "eval.backend", "faster-coco-eval is not installed: pip install 'detection-trainer[fast-eval]'")
     check(config.eval.every_epochs >= 0, "eval.every_epochs", "must be 0 (never) or more")
     check(config.eval.patience >= 0, "eval.patience", f"must be 0 (off) or more, got {config.eval.patience}")
     check(0 <= config.eval.min_delta <= 1, "eval.min_delta", f"must be in [0, 1] (COCO metrics are 0..1), "

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -209,3 +213,41 @@ def test_new_keys_have_documented_defaults() -> None:
     assert config.data.max_pixels == 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS
     assert config.train.max_nonfinite_steps == 20
     assert load_config(None, [*DATA, "run.name=bccd-frcnn_2.v1"]).run.name == "bccd-frcnn_2.v1"
+
+
+def test_eval_backend_is_checked_at_start_up() -> None:
+    assert load_config(None, DATA).eval.backend == "pycocotools"
+    assert load_config(None, [*DATA, "eval.backend=faster-coco-eval"]).eval.backend == "faster-coco-eval"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*DATA, "eval.backend=fast"])
+    assert "eval.backend: unknown backend 'fast'; choose one of pycocotools, faster-coco-eval" in str(info.value)
+
+
+def test_the_fast_backend_without_its_extra_fails_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at the first evaluation, hours into the run: one line naming the key and the install command."""
+    real_find_spec = importlib.util.find_spec
+    looked_up = []
+
+    def find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        looked_up.append(name)
+        return None if name == "faster_coco_eval" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*DATA, "eval.backend=faster-coco-eval"])
+    message = str(info.value)
+    assert message.endswith("eval.backend: faster-coco-eval is not installed: "
+                            "pip install 'detection-trainer[fast-eval]'") and "\n" not in message
+    assert looked_up == ["faster_coco_eval"]
+    assert load_config(None, DATA).eval.backend == "pycocotools"  # the default looks nothing up
+    assert looked_up == ["faster_coco_eval"]
+    # `trainer predict` reads a run's config for its model section only: it evaluates nothing
+    assert load_config(None, ["eval.backend=faster-coco-eval"], require_data=False).eval.backend == "faster-coco-eval"
+
+
+def test_the_start_up_check_does_not_import_the_library() -> None:
+    code = ("import sys; from trainer.config import load_config; "
+            f"load_config(None, {[*DATA, 'eval.backend=faster-coco-eval']!r}); "
+            "sys.exit(1 if 'faster_coco_eval' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+                          timeout=60).returncode == 0

@@ -103,6 +103,13 @@ def test_torch_free_modules_import_no_torch(module: str) -> None:
     assert chain is None, " -> ".join(chain or [])
 
 
+def test_the_fast_eval_extra_is_imported_only_where_it_is_used() -> None:
+    """faster-coco-eval comes with the ``fast-eval`` extra: no module loads it at import time, so a run on the
+    default pycocotools backend never needs it installed (config.py only looks it up, with find_spec)."""
+    chains = [" -> ".join(chain) for module in MODULES if (chain := import_chain(module, {"faster_coco_eval"}))]
+    assert not chains, chains
+
+
 def test_engine_never_touches_storage() -> None:
     """DESIGN.md: engine.py computes (one step, one evaluation pass); where things are stored is decided above it."""
     chain = import_chain("trainer.engine", {"trainer.storage", "boto3", "botocore"})

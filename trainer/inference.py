@@ -118,7 +118,7 @@ def build_validation(split: SplitConfig, config: Config, env: DistEnv) -> Valida
     ground_truth = None
     if env.is_main:
         assert index.document is not None  # loaded above with keep_document=True
-        ground_truth = load_ground_truth(index.document)
+        ground_truth = load_ground_truth(index.document, config.eval.backend)
     return ValidationSet(split.coco, index, loader, ground_truth)
 
 

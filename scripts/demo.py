@@ -67,6 +67,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "demo-output", help="local folder for the outputs")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs (about a minute each on 2 cores)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training config override, as for trainer.train (repeatable), e.g. model.min_size=160")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below on `kill`
 
@@ -112,7 +114,7 @@ def main() -> int:
         say(f"Training on 2 CPU processes under torchrun: images read from S3, checkpoints and metrics to {run}")
         settings = [f"data.train.coco=s3://{BUCKET}/bccd/coco/train.json", f"data.train.images=s3://{BUCKET}/bccd/JPEGImages",
                     f"data.val.coco=s3://{BUCKET}/bccd/coco/val.json", f"data.val.images=s3://{BUCKET}/bccd/JPEGImages",
-                    f"run.dir=s3://{BUCKET}/runs", f"schedule.epochs={args.epochs}"]
+                    f"run.dir=s3://{BUCKET}/runs", f"schedule.epochs={args.epochs}", *args.overrides]
         torchrun(env, 2, "--config", "configs/demo_cpu.yaml", *[x for s in settings for x in ("--set", s)])
 
         say("The run's checkpoints (the latest is what a restarted job resumes from)")

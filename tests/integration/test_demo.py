@@ -13,7 +13,13 @@ from tests.conftest import BCCD, REPO
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:
     out = tmp_path / "demo-out"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--epochs", "1"],
+    # one epoch, on images scaled to half the demo's size and with fewer region proposals: every step of the demo,
+    # with less arithmetic in each
+    quicker = ["model.min_size=160", "model.max_size=214", "model.options.rpn_pre_nms_top_n_train=300",
+               "model.options.rpn_post_nms_top_n_train=100", "model.options.box_batch_size_per_image=32",
+               "model.options.rpn_pre_nms_top_n_test=300", "model.options.rpn_post_nms_top_n_test=100"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--epochs", "1",
+                             *[arg for setting in quicker for arg in ("--set", setting)]],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verified: 735 files identical" in result.stdout

@@ -10,6 +10,8 @@ telemetry is turned off, for this process and every subprocess it starts.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -97,10 +99,31 @@ def fault_proxy(s3: S3Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultPro
         yield proxy
 
 
+_EARLY_MLFLOW: list[MlflowServer] = []  # launched at collection when a collected test will need it
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the MLflow server's process as soon as the tests are collected, when one of them needs it: its
+    start-up (tens of seconds of imports) then overlaps the tests before it instead of adding to them."""
+    if any({"mlflow_server", "mlflow_url"} & set(getattr(item, "fixturenames", ())) for item in items):
+        _EARLY_MLFLOW.append(MlflowServer(Path(tempfile.mkdtemp(prefix="mlflow-server-"))).launch())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    while _EARLY_MLFLOW:  # also when no test used it (deselected, or the run was interrupted)
+        server = _EARLY_MLFLOW.pop()
+        server.stop()
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """A real ``mlflow server`` on 127.0.0.1 (SQLite, proxied artifacts), shared by the session: its start costs
-    tens of seconds. A test may stop it; use ``mlflow_url`` to have it running again."""
+    tens of seconds, so it is launched at collection. A test may stop it; use ``mlflow_url`` to have it running
+    again."""
+    if _EARLY_MLFLOW:
+        yield _EARLY_MLFLOW[0].start()
+        return
     with MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
         yield server
 

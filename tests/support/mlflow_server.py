@@ -58,19 +58,26 @@ class MlflowServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> MlflowServer:
-        """Start (again, on the same port once one was chosen) and wait until ``/health`` answers."""
+    def launch(self) -> MlflowServer:
+        """Start the process without waiting for it (its start-up, tens of seconds, can overlap other tests)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        port = self.port or free_port(self.host)
+        self._log = (self.root / "server.log").open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(SERVER_ENV)
+        self._process = subprocess.Popen(
+            server_command(self.host, port, self.root), stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, cwd=self.root, start_new_session=True)
+        self.port = port
+        return self
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> MlflowServer:
+        """Start (again, on the same port once one was chosen; or finish a ``launch``) and wait until ``/health``
+        answers."""
         last_error = ""
         for _ in range(3):  # a port picked as free can be taken before the server binds it
-            port = self.port or free_port(self.host)
-            self._log = (self.root / "server.log").open("ab")
-            env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-            env.update(SERVER_ENV)
-            self._process = subprocess.Popen(
-                server_command(self.host, port, self.root), stdout=self._log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=env, cwd=self.root, start_new_session=True)
-            self.port = port
+            if not self.running:
+                self.launch()
             if self._wait_ready(timeout):
                 return self
             last_error = self.output_tail()

@@ -7,6 +7,9 @@ each backend it times, as the trainer calls them:
   * ``load_ground_truth`` (index the ground truth; a run does this once);
   * ``evaluate_detections`` end to end (loadRes, evaluate, accumulate, summarize, per-class AP): the wait on
     rank 0 after every evaluation;
+  * the trainer's scoring from model outputs: ``DistributedEvaluator.update`` with each image's output tensors
+    (XYXY boxes, labels, scores, as the detector returns them) and ``finish`` (one process): what an evaluation
+    adds to the model's own forward passes;
 wall and CPU time, then prints the ratios fast / pycocotools (target: evaluation <= 0.3x) and the largest
 difference over the twelve stats and the per-class APs (must be <= 1e-4).
 Run: ``.venv/bin/python bench/evaluation.py [--images 5000] [--dets 100] [--classes 10] [--repeat 1]``
@@ -26,11 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.evaluation import STAT_NAMES, EvalResult, evaluate_detections, load_ground_truth  # noqa: E402
+from trainer.distributed import DistEnv  # noqa: E402
+from trainer.evaluation import (  # noqa: E402
+    STAT_NAMES,
+    DistributedEvaluator,
+    EvalResult,
+    GroundTruth,
+    evaluate_detections,
+    load_ground_truth,
+)
 
 BACKENDS = ("pycocotools", "faster-coco-eval")
 TOLERANCE = 1e-4
@@ -81,6 +93,35 @@ def detections_for(doc: dict[str, Any], per_image: int, rng: np.random.Generator
              "score": round(float(score), 5)} for image_id, category, box, score in detections]
 
 
+def model_outputs(doc: dict[str, Any], detections: list[dict[str, Any]],
+                  ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    """The detections as a detector returns them (one dict of tensors per image; labels 1..K) and the targets
+    the evaluation loader yields with them."""
+    per_image: dict[int, list[dict[str, Any]]] = {image["id"]: [] for image in doc["images"]}
+    for detection in detections:
+        per_image[detection["image_id"]].append(detection)
+    label_of = {c["id"]: k + 1 for k, c in enumerate(doc["categories"])}
+    outputs, targets = [], []
+    for image_id, found in per_image.items():
+        xywh = torch.tensor([d["bbox"] for d in found], dtype=torch.float32).reshape(-1, 4)
+        outputs.append({"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+                        "labels": torch.tensor([label_of[d["category_id"]] for d in found], dtype=torch.int64),
+                        "scores": torch.tensor([d["score"] for d in found], dtype=torch.float32)})
+        targets.append({"image_id": image_id})
+    return outputs, targets
+
+
+def score_outputs(gt: GroundTruth, category_ids: list[int], outputs: list[dict[str, torch.Tensor]],
+                  targets: list[dict[str, Any]], batch: int = 8) -> EvalResult:
+    """The trainer's scoring path, batch by batch as ``inference.evaluate`` feeds it, then rank 0's finish."""
+    evaluator = DistributedEvaluator(category_ids)
+    for start in range(0, len(outputs), batch):
+        evaluator.update(outputs[start:start + batch], targets[start:start + batch])
+    result = evaluator.finish(DistEnv(), gt)
+    assert result is not None
+    return result
+
+
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[Any, float, float]:
     """The result and the fastest wall and CPU seconds over ``repeat`` calls."""
     best_wall = best_cpu = float("inf")
@@ -119,20 +160,26 @@ def main() -> None:
           f"{np.mean(areas > 96 ** 2):.0%} large, {crowd:.1%} crowd), {len(detections)} detections, "
           f"{args.classes} classes; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start")
-    rows: dict[str, tuple[float, float, float, float]] = {}
+    outputs, targets = model_outputs(doc, detections)
+    category_ids = [c["id"] for c in doc["categories"]]
+    rows: dict[str, tuple[float, ...]] = {}
     results: dict[str, EvalResult] = {}
     for backend in BACKENDS:
         gt, load_wall, load_cpu = timed(lambda b=backend: load_ground_truth(copy.deepcopy(doc), b), args.repeat)
         result, wall, cpu = timed(lambda g=gt: evaluate_detections(g, detections, image_ids), args.repeat)
-        rows[backend], results[backend] = (load_wall, load_cpu, wall, cpu), result
-        print(f"{backend:>17}: load_ground_truth {load_wall:7.2f} s wall {load_cpu:7.2f} s CPU | "
-              f"evaluate_detections {wall:7.2f} s wall {cpu:7.2f} s CPU | AP {result.ap:.4f}")
+        scored, trainer_wall, trainer_cpu = timed(lambda g=gt: score_outputs(g, category_ids, outputs, targets),
+                                                  args.repeat)
+        rows[backend], results[backend] = (load_wall, load_cpu, wall, cpu, trainer_wall, trainer_cpu), result
+        print(f"{backend:>17}: load_ground_truth {load_wall:6.2f} s wall {load_cpu:6.2f} s CPU | "
+              f"evaluate_detections {wall:6.2f} s wall {cpu:6.2f} s CPU | from model outputs {trainer_wall:6.2f} s "
+              f"wall {trainer_cpu:6.2f} s CPU | AP {result.ap:.4f} (from outputs {scored.ap:.4f})")
         del gt
     slow, fast = rows["pycocotools"], rows["faster-coco-eval"]
     ratio = fast[2] / slow[2]
     print(f"fast / pycocotools: load_ground_truth {fast[0] / slow[0]:.2f}x wall {fast[1] / slow[1]:.2f}x CPU | "
           f"evaluate_detections {ratio:.3f}x wall {fast[3] / slow[3]:.3f}x CPU "
-          f"({'within' if ratio <= 0.3 else 'over'} the 0.3x target)")
+          f"({'within' if ratio <= 0.3 else 'over'} the 0.3x target) | from model outputs "
+          f"{fast[4] / slow[4]:.3f}x wall {fast[5] / slow[5]:.3f}x CPU")
     stats, per_class = max_difference(results["pycocotools"], results["faster-coco-eval"])
     verdict = "agree" if max(stats, per_class) <= TOLERANCE else "DIFFER"
     print(f"max |difference|: {stats:.2e} over the 12 stats, {per_class:.2e} over the per-class APs "

@@ -180,16 +180,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.config import load_config
-    from trainer.data.coco_index import load_coco_index
     from trainer.distributed import DistEnv
-    from trainer.inference import evaluate_split, load_detector
+    from trainer.inference import build_validation, evaluate, load_detector
 
     config = load_config(args.config, args.set)
     split = getattr(config.data, args.split)
     if not split.coco:
         raise InputError(f"{args.config}: data.{args.split}.coco is not set: nothing to evaluate on")
-    detector = load_detector(args.weights, config.model, load_coco_index(split.coco))
-    result = evaluate_split(detector.model, split, config, DistEnv())
+    validation = build_validation(split, config, DistEnv())  # the COCO file is read once, for classes and scoring
+    detector = load_detector(args.weights, config.model, validation.index)
+    result = evaluate(detector.model, validation, DistEnv())
     assert result is not None  # a single process is rank 0
     print(" ".join(f"{name} {value:.4f}" for name, value in result.stats.items()))
     print(" ".join(f"{name} {value:.4f}" for name, value in result.per_class.items()))

@@ -141,12 +141,6 @@ def evaluate(model: nn.Module, validation: ValidationSet, env: DistEnv, autocast
     return evaluator.finish(env, validation.ground_truth)
 
 
-def evaluate_split(model: nn.Module, split: SplitConfig, config: Config, env: DistEnv,
-                   autocast_dtype: torch.dtype | None = None) -> EvalResult | None:
-    """One evaluation of ``model`` on ``split`` (``trainer eval``); a training run keeps its ``ValidationSet``."""
-    return evaluate(model, build_validation(split, config, env), env, autocast_dtype)
-
-
 class EvaluationStopped(Exception):
     """Every rank agreed to stop in the middle of an evaluation (a stop signal): it runs again after a resume."""
 

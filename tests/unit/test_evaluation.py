@@ -99,7 +99,7 @@ def test_perfect_and_empty_predictions(bccd_test: Path) -> None:
 
 # ------------------------------------------------------------------ broken ground truth (issue 14)
 class Oracle(torch.nn.Module):
-    """A detector that answers each image with the boxes it is given, in the order evaluate_split feeds images
+    """A detector that answers each image with the boxes it is given, in the order inference.evaluate feeds images
     (one process, no shuffling, no loader workers): perfect detections, whatever the ground truth file says."""
 
     def __init__(self, outputs: list[dict[str, torch.Tensor]]) -> None:
@@ -127,14 +127,14 @@ def perfect_outputs(doc: dict) -> list[dict[str, torch.Tensor]]:
 
 def evaluate_with_oracle(doc: dict, tmp_path: Path) -> dict[str, float]:
     from trainer.config import load_config
-    from trainer.inference import evaluate_split
+    from trainer.inference import build_validation, evaluate
 
     path = tmp_path / "val.json"
     path.write_text(json.dumps(doc))
     config = load_config(None, [f"data.train.coco={path}", f"data.train.images={BCCD / 'JPEGImages'}",
                                 f"data.val.coco={path}", f"data.val.images={BCCD / 'JPEGImages'}",
                                 "data.workers=0", "data.batch_size=4"])
-    result = evaluate_split(Oracle(perfect_outputs(doc)), config.data.val, config, DistEnv())
+    result = evaluate(Oracle(perfect_outputs(doc)), build_validation(config.data.val, config, DistEnv()), DistEnv())
     assert result is not None
     return {"AP": result.stats["AP"], **{f"AP {k}": v for k, v in result.per_class.items()}}
 

@@ -560,6 +560,12 @@ def _validate_mlflow(mlflow: MlflowConfig, check: Check, tracks: bool = True) ->
           f"got {quote(mlflow.run_name, 80)}")
     if mlflow.tracking_uri is None:
         return
+    # The config is logged, saved as config.yaml and sent as MLflow params: a password in it would be everywhere
+    # (and is not quoted back here either).
+    check(not re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*:[^/?#@]*@", mlflow.tracking_uri),
+          "log.mlflow.tracking_uri", "must not carry a password (it would be printed in the log, config.yaml and "
+          "the MLflow params): give it to the pods as MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or "
+          "MLFLOW_TRACKING_TOKEN from a Secret")
     problem = _tracking_uri_problem(mlflow.tracking_uri)
     check(problem is None, "log.mlflow.tracking_uri", f"{problem}, got {quote(mlflow.tracking_uri, 80)}")
     check(not tracks or importlib.util.find_spec("mlflow") is not None, "log.mlflow.tracking_uri",

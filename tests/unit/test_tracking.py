@@ -135,3 +135,13 @@ def test_no_module_imports_mlflow_at_load_time() -> None:
 
     chains = [" -> ".join(chain) for module in MODULES if (chain := import_chain(module, {"mlflow"}))]
     assert not chains, chains
+
+
+@pytest.mark.parametrize("uri", ["https://alice:s3cret-pw@mlflow.example.com", "postgresql://u:s3cret-pw@db/mlflow"])
+def test_a_password_in_the_tracking_uri_is_refused_and_never_repeated(uri: str) -> None:
+    """The config is printed, saved as config.yaml and logged as params: a password there would leak everywhere."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*DATA, f"log.mlflow.tracking_uri={uri}"])
+    message = str(info.value)
+    assert "log.mlflow.tracking_uri: must not carry a password" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    assert "s3cret-pw" not in message

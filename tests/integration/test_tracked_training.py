@@ -4,16 +4,19 @@ run nothing."""
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.integration.test_resume import overrides
+from tests.integration.test_resume import Run, overrides
 from tests.integration.test_run_integrity import start_single
 from tests.support.fault_proxy import FaultPlan, FaultProxy
 from tests.support.mlflow_server import MlflowServer
+from trainer.progress import parse_progress
 from trainer.synth import make_shapes_dataset
 
 pytestmark = pytest.mark.slow
@@ -28,6 +31,17 @@ def wait_until(condition, timeout: float = 60.0) -> None:  # type: ignore[no-unt
         time.sleep(0.2)
 
 
+def line_after(run: Run, mark: int, predicate: Callable[[str], bool], timeout: float = 120.0) -> str:
+    """The first line from index ``mark`` on that ``predicate`` accepts (waiting for it, bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((line for line in run.lines[mark:] if predicate(line)), None)
+        if found is not None:
+            return found
+        assert run.proc.poll() is None and time.monotonic() < deadline, "\n".join(run.lines[-40:])
+        time.sleep(0.1)
+
+
 def test_a_killed_and_resumed_run_is_one_mlflow_run_with_each_step_once_through_a_server_outage(
         mlflow_server: MlflowServer, tmp_path: Path) -> None:
     url = mlflow_server.ensure_running().url
@@ -37,22 +51,26 @@ def test_a_killed_and_resumed_run_is_one_mlflow_run_with_each_step_once_through_
     client = MlflowClient(tracking_uri=url)
     host, port = url.removeprefix("http://").split(":")
     with FaultProxy(host, int(port), FaultPlan()) as proxy:
-        args = overrides(shapes, tmp_path, "schedule.epochs=2", "data.workers=0", "checkpoint.keep_last=10",
+        args = overrides(shapes, tmp_path, "schedule.epochs=3", "data.workers=0", "checkpoint.keep_last=10",
                          f"log.mlflow.tracking_uri={proxy.url}", f"log.mlflow.experiment={experiment}")
 
         killed = start_single(args, TRACKING_ENV)
-        killed.wait_for(lambda line: "checkpoint step 2:" in line)
         wait_until(lambda: bool(client.search_runs([client.get_experiment_by_name(experiment).experiment_id]))
                    if client.get_experiment_by_name(experiment) else False)
-        killed.wait_for(lambda line: "checkpoint step 6:" in line)  # step 4's checkpoint holds the run id
-        killed.wait_for(lambda line: "step 7/" in line or "step 8/" in line)
+        # A checkpoint snapshotted once the run exists holds its id (one taken before, while the tracker was still
+        # creating the run, does not): wait for one, for its commit, and for one more step; then kill.
+        mark = len(killed.lines)
+        snapshot = line_after(killed, mark, lambda line: "checkpoint step " in line)
+        step = int(re.search(r"checkpoint step (\d+):", snapshot)[1])  # type: ignore[index]
+        line_after(killed, mark, lambda line: "checkpoint committed" in line and f"step-{step:09d}" in line)
+        line_after(killed, len(killed.lines), lambda line: parse_progress(line) is not None)
         killed.proc.kill()
         killed.finish()
 
         resumed = start_single(args, TRACKING_ENV)
         resumed.wait_for(lambda line: "resumed from" in line)
         proxy.plan = FaultPlan(error_rate=1.0, error_statuses=(503,))  # the tracking server fails ...
-        resumed.wait_for(lambda line: "epoch 2/2" in line)
+        resumed.wait_for(lambda line: "epoch 3/3" in line)
         proxy.plan = FaultPlan()  # ... and comes back: what was queued arrives
         assert resumed.finish() == 0, resumed.output[-3000:]
 
@@ -71,6 +89,6 @@ def test_a_killed_and_resumed_run_is_one_mlflow_run_with_each_step_once_through_
     assert steps == sorted(set(steps)) and steps == list(range(1, last_step + 1))  # each step once, in order
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/AP")] == sorted(
         {m.step for m in client.get_metric_history(run.info.run_id, "eval/AP")})
-    assert len(client.get_metric_history(run.info.run_id, "eval/AP")) == 2  # one per epoch
+    assert len(client.get_metric_history(run.info.run_id, "eval/AP")) == 3  # one per epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/loss.png", "plots/map.png"} <= artifacts

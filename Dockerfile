@@ -32,14 +32,18 @@ ENV PYTHONUNBUFFERED=1 \
     TORCH_HOME=/home/trainer/.cache/torch
 COPY --from=build /wheels /wheels
 COPY constraints.txt scripts/check_constraints.py /install/
-# Exactly the tested versions: pip installs the wheel under constraints.txt, then check_constraints.py fails the
-# build if any installed distribution is missing from constraints.txt or differs from its pin.
-# Byte-code is compiled now because the root filesystem is read-only at run time.
+# Exactly the tested versions: pip installs the wheel, with the extras a cluster run may switch on in its config
+# (mlflow: log.mlflow tracking; fast-eval: eval.backend faster-coco-eval), under constraints.txt, then
+# check_constraints.py fails the build if any installed distribution is missing from constraints.txt or differs
+# from its pin.
+# Byte-code is compiled now because the root filesystem is read-only at run time: all of site-packages, on every
+# core (-j 0; pip compiles file by file on one), and like pip a file that does not compile is left as it is.
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-RUN python -m pip install --no-cache-dir --constraint /install/constraints.txt /wheels/*.whl \
+RUN python -m pip install --no-cache-dir --no-compile --constraint /install/constraints.txt --find-links /wheels \
+        'detection-trainer[mlflow,fast-eval]' \
  && python /install/check_constraints.py /install/constraints.txt \
  && rm -rf /wheels /install \
- && python -m compileall -q "$(python -c 'import trainer, os; print(os.path.dirname(trainer.__file__))')" \
+ && { python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" > /dev/null || true; } \
  && useradd --uid 10001 --user-group --no-log-init --create-home --home-dir /home/trainer --shell /usr/sbin/nologin trainer \
  && mkdir -p /home/trainer/.cache \
  && chown -R 10001:10001 /home/trainer

@@ -137,7 +137,7 @@ def install_like_the_dockerfile(root: Path) -> Path:
             for source in sources:
                 shutil.copy(REPO / source, install)
     commands = [part.strip() for instruction, args in runtime if instruction == "RUN" for part in args.split("&&")
-                if part.strip().startswith("python ")]
+                if part.strip().removeprefix("{ ").startswith("python ")]  # `{ python ... || true; }` too
     run_commands(commands, mapping, root, python)
     return venv
 
@@ -210,6 +210,9 @@ def test_the_image_install_step_gives_an_environment_that_trains() -> None:
                                 capture_output=True, text=True, check=True).stdout
         versions = {check_constraints.canonical(d["name"]): d["version"] for d in json.loads(frozen)}
         assert (versions["torch"], versions["torchvision"]) == (PINS["torch"], PINS["torchvision"]), versions
+        # the extras a cluster config may switch on (log.mlflow, eval.backend) are in the image, at their pins
+        for extra in ("mlflow-skinny", "faster-coco-eval"):
+            assert versions.get(extra) == PINS[extra], (extra, versions.get(extra))
         train_one_step_as_the_container_user(root, venv)
     finally:
         # several GB of small files: removed in the background rather than making the test wait for the disk

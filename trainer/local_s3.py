@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO
 
 # Variables that could point a client at another endpoint or identity; the local server's env removes them.
@@ -34,6 +34,18 @@ def require_loopback(host: str) -> None:
     """Refuse anything but 127.0.0.0/8: tests and demos must never send traffic off this machine."""
     if not ipaddress.ip_address(host).is_loopback:
         raise ValueError(f"{host} is not a loopback address; local servers listen on 127.0.0.0/8 only")
+
+
+def answers(host: str, port: int, path: str, ready: Callable[[int], bool]) -> bool:
+    """One GET of ``path`` (2 s at most): whether a server started here answers it with a status ``ready`` takes."""
+    with contextlib.suppress(OSError, http.client.HTTPException):
+        conn = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            conn.request("GET", path)
+            return ready(conn.getresponse().status)
+        finally:
+            conn.close()
+    return False
 
 
 class LocalS3Server:
@@ -90,14 +102,8 @@ class LocalS3Server:
     def _wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._process and self._process.poll() is None:
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
-                try:
-                    conn.request("GET", "/moto-api/")
-                    if conn.getresponse().status < 500:
-                        return True
-                finally:
-                    conn.close()
+            if answers(self.host, self.port or 0, "/moto-api/", lambda status: status < 500):
+                return True
             time.sleep(0.1)
         return False
 

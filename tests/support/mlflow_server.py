@@ -9,7 +9,6 @@ mid-run and comes back). Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
 import socket
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from trainer.local_s3 import free_port, require_loopback, stop_process
+from trainer.local_s3 import answers, free_port, require_loopback, stop_process
 
 # The server's environment on top of the caller's: no usage reports (MLflow 3 sends them by default), no
 # background job runner (a second process the tests do not use), and no stray MLflow settings from outside.
@@ -89,14 +88,8 @@ class MlflowServer:
         for _ in range(MAX_POLLS):
             if time.monotonic() >= deadline or not self.running:
                 return False
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=2)
-                try:
-                    conn.request("GET", "/health")
-                    if conn.getresponse().status == 200:
-                        return True
-                finally:
-                    conn.close()
+            if answers(self.host, self.port or 0, "/health", lambda status: status == 200):
+                return True
             time.sleep(0.1)
         return False
 

@@ -19,8 +19,12 @@ demo: venv
 lint: venv
 	$(PY) -m ruff check trainer tests bench scripts; ruff=$$?; $(PY) -m mypy && exit $$ruff
 
+# Two xdist workers, each taking whole test modules (module fixtures are built once), the long modules first
+# (tests/conftest.py orders them): on CI's 2 cores the suite keeps both busy. TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
+
 test: venv tools lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # nginx for the S3 rows of the loader bench (bench/_static_s3.py); Debian, as root
 bench-tools:

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import BCCD, REPO
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end_and_cleans_up(tmp_path: Path) -> None:

@@ -3,8 +3,9 @@
 Everything comes from the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT,
 TORCHELASTIC_RESTART_COUNT); a plain ``python -m trainer.train`` is a world of one with no process group.
 Two lessons are built in: the store is prefixed per restart, because a gloo group re-created after torchrun
-restarts its workers otherwise meets the previous round's keys and hangs or fails at random; and teardown frees
-the model and optimizer before ``destroy_process_group``, which avoids a rare SIGABRT at exit.
+restarts its workers otherwise meets the previous round's keys and hangs or fails at random; and the group is
+left only once the model, its DDP wrapper and the optimizer are gone (``shutdown``), which avoids a rare SIGABRT
+at exit.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def broadcast_object(env: DistEnv, value: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def shutdown(env: DistEnv, *owners: Any) -> None:
-    """Release tensors (model, optimizer, ...) first, then the process group."""
-    del owners
-    gc.collect()
+def shutdown(env: DistEnv) -> None:
+    """Leave the process group. Call it after the last reference to the DDP wrapper, model and optimizer is
+    dropped (a function that held them has returned): gloo work they still held when the interpreter tore them
+    down could abort a rank that had finished (SIGABRT, "terminate called without an active exception"), and
+    torchrun then reported a successful run as failed."""
+    gc.collect()  # DDP's reducer sits in reference cycles: free it now, while the interpreter is whole
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -38,16 +38,19 @@ def train(config: Config, env: DistEnv, force: bool = False, stop: StopSignal | 
     run = None
     try:
         run = start_run(config, env, stop, lease, prefetch, force)
-        return EXIT_PREEMPTED if run is None else train_epochs(run)
+        code = EXIT_PREEMPTED if run is None else train_epochs(run)
     except BaseException:
         if run is not None:  # the tracked run says so; a restarted job sets it running again
             run.tracker.finish("FAILED")
             run.tracker.close(timeout=TRACKER_CLOSE_SECONDS)
-        raise
+        raise  # the group is not left: a peer may be gone, and leaving could wait on it
     finally:
         if lease is not None:
             lease.release()
         stop.uninstall()
+    del run  # the model, its DDP wrapper and the optimizer go before the group they used
+    shutdown(env)
+    return code
 
 
 def train_epochs(run: Run) -> int:
@@ -172,7 +175,7 @@ def evaluate_epoch(run: Run, epoch: int) -> float | None:
 
 
 def finish(run: Run) -> int:
-    """After the last epoch: ``model_final.pt`` and the closing line (rank 0); leave the group."""
+    """After the last epoch: ``model_final.pt`` and the closing line (rank 0)."""
     run.watchdog.pause()
     if run.env.is_main:
         final_uri = storage.join(run.config.run_uri, "model_final.pt")
@@ -185,12 +188,11 @@ def finish(run: Run) -> int:
         log.info("finished %d steps in %.1f s (checkpoint stalls %.1f s); final weights: %s",
                  run.trainables.state.step, run.meter.elapsed, run.checkpointing.stall_seconds, final_uri)
     run.checkpointing.close()
-    shutdown(run.env, run.ddp, run.trainables.model, run.trainables.optimizer)
     return EXIT_OK
 
 
 def preempted(run: Run) -> int:
-    """After the stop checkpoint: flush the logs, leave the group, and say so with EXIT_PREEMPTED."""
+    """After the stop checkpoint: flush the logs and say so with EXIT_PREEMPTED."""
     run.checkpointing.close()
     run.run_log.close()
     run.tracker.finish("PREEMPTED")  # left running, tagged preempted: the restarted job continues it
@@ -200,5 +202,4 @@ def preempted(run: Run) -> int:
         log.warning("stopped by %s: checkpoint committed %.1f s after the signal; exiting with code %d "
                     "(preempted) so the job restarts and resumes", run.stop.received or "a peer's signal", since,
                     EXIT_PREEMPTED)
-    shutdown(run.env, run.ddp, run.trainables.model, run.trainables.optimizer)
     return EXIT_PREEMPTED

@@ -77,7 +77,8 @@ for _ in range(2):
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 changed = sum(not torch.equal(initial[k], v) for k, v in model.state_dict().items())
 print(f"RESULT rank={env.rank} digest={digest} changed={changed} digests={all_gather_objects(env, digest)}", flush=True)
-shutdown(env, ddp, model, optimizer)
+del ddp, model, optimizer, scheduler  # what used the group goes first (see trainer.distributed.shutdown)
+shutdown(env)
 """
 
 
@@ -124,7 +125,8 @@ for step in range(3):  # step 1: only rank 1 gets a NaN loss
                          torch.device("cpu"), state)
     outcomes.append(outcome.optimizer_stepped)
 print(f"RESULT rank={env.rank} stepped={outcomes} steps={state.step} w={model.w.tolist()}", flush=True)
-shutdown(env, ddp, model, optimizer)
+del ddp, model, optimizer, scheduler  # what used the group goes first (see trainer.distributed.shutdown)
+shutdown(env)
 """
 
 

@@ -19,12 +19,14 @@ demo: venv
 lint: venv
 	$(PY) -m ruff check trainer tests bench scripts; ruff=$$?; $(PY) -m mypy && exit $$ruff
 
-# Two xdist workers, each taking whole test modules (module fixtures are built once), the long modules first
-# (tests/conftest.py orders them): on CI's 2 cores the suite keeps both busy. TEST_WORKERS=0 runs it serially.
+# Two xdist workers, each taking whole test modules (module fixtures are built once), the long modules first:
+# tests/conftest.py orders them, and --no-loadscope-reorder keeps that order (xdist would otherwise hand out the
+# modules with most tests first, leaving one-test modules such as the 5-minute learning test for the end).
+# On CI's 2 cores this keeps both busy. TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 
 test: venv tools lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # nginx for the S3 rows of the loader bench (bench/_static_s3.py); Debian, as root
 bench-tools:

@@ -105,8 +105,9 @@ _EARLY_MLFLOW: list[MlflowServer] = []  # launched at collection when a collecte
 def _slow_modules_first(items: list[pytest.Item]) -> None:
     """Move the modules with ``slow`` tests to the front, each module's tests kept together and in order.
 
-    ``make test`` hands whole modules to two xdist workers (``--dist loadfile``) in this order: the long ones
-    start early and the short ones fill the end, instead of one long module running alone after the rest.
+    ``make test`` hands whole modules to two xdist workers in this order (``--dist loadfile
+    --no-loadscope-reorder``): the long ones start early and the short ones fill the end, instead of one long
+    module running alone after the rest.
     """
     slow = {item.path for item in items if item.get_closest_marker("slow") is not None}
     items.sort(key=lambda item: item.path not in slow)  # stable: the order within each group is kept

@@ -51,4 +51,6 @@ def _decode_png(data: bytes) -> torch.Tensor:
     except (OSError, ValueError, SyntaxError, EOFError, zlib.error, Image.DecompressionBombError) as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise DecodeError(f"cannot decode image ({detail})") from exc
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+    # one copy, straight into CHW order: np.asarray of a PIL image is read-only, and torch warns (in every loader
+    # worker's log) when it wraps a read-only array
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))

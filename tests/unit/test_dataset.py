@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision import tv_tensors
 
+from tests.conftest import REPO
 from tests.support.images import RECT_COLOR, bomb_png, image_with_rectangles, simple_dataset, write_coco
 from trainer.data.coco_index import DataError, load_coco_index
 from trainer.data.dataset import CocoDetection
@@ -232,3 +235,17 @@ def test_images_under_a_missing_bucket_are_named_as_such(tmp_path: Path, s3) -> 
     coco, _ = simple_dataset(tmp_path, count=2)
     with pytest.raises(storage.BucketNotFound, match="does not exist"):
         CocoDetection(load_coco_index(str(coco)), "s3://no-such-bucket-here/images")
+
+
+def test_png_decoding_gives_a_writable_tensor_without_a_warning(tmp_path: Path) -> None:
+    """PIL's pixels are a read-only array: wrapping them made torch warn "The given NumPy array is not writable"
+    in every loader worker's log. A fresh interpreter, as torch says it only once per process."""
+    png = tmp_path / "a.png"
+    png.write_bytes(image_with_rectangles(7, 5, [(1, 1, 3, 3)]))
+    code = ("import sys; from trainer.data.decode import decode_rgb; "
+            "t = decode_rgb(open(sys.argv[1], 'rb').read()); t.add_(1); print(list(t.shape), t[:, 2, 2].tolist())")
+    result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code, str(png)], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("]", 1)[0] == "[3, 5, 7"
+    assert result.stdout.strip().endswith(str([c + 1 for c in RECT_COLOR]))  # the painted pixel, plus one

@@ -10,6 +10,7 @@ Rows:
     wrapped for transforms v2, with the same transforms (target: ours >= 1.5x);
   * ours with torch's plain BatchSampler instead of the resumable sampler (the sampler's cost when unused).
 Data: BCCD's train split (205 JPEGs of 640x480), converted in-process, ``--passes`` passes per row.
+Every row is measured once per repeat, in turn (``--repeats``), and reported as its median.
 Run: ``.venv/bin/python bench/dataloader.py [--workers 4] [--latency-ms 20]``.
 """
 
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -46,19 +47,35 @@ from trainer.data.transforms import build_transforms  # noqa: E402
 BCCD = REPO / "examples" / "data" / "bccd"
 
 
-def images_per_second(loader: Any, passes: int, set_epoch: Any = None) -> float:
+class Measure(NamedTuple):
+    images_per_s: float
+    cpu_ms_per_image: float  # the loading process and its workers (start-up included), user + system
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def images_per_second(loader: Any, passes: int, set_epoch: Any = None) -> Measure:
+    """Images/s over ``passes`` passes, and CPU per image of this process plus the loader's (persistent)
+    workers, read from /proc before they exit: CPU per image does not depend on how the 2 cores were shared."""
     count = 0
+    cpu_started = _cpu_seconds(os.getpid())
     started = time.perf_counter()
     for epoch in range(passes):
         if set_epoch:
             set_epoch(epoch)
         for batch in loader:
             count += len(batch[0])
-    return count / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    workers = loader._iterator._workers  # the bench's only use of DataLoader internals
+    cpu = _cpu_seconds(os.getpid()) - cpu_started + sum(_cpu_seconds(w.pid) for w in workers)
+    return Measure(count / seconds, 1000 * cpu / count)
 
 
 def ours(coco: str, images: str, args: argparse.Namespace, source: ObjectSource | None = None,
-         plain_sampler: bool = False) -> float:
+         plain_sampler: bool = False) -> Measure:
     dataset = CocoDetection(load_coco_index(coco), images, build_transforms(args.augment), source=source)
     if plain_sampler:
         sampler: Any = BatchSampler(RandomSampler(range(len(dataset))), args.batch_size, drop_last=False)
@@ -70,7 +87,7 @@ def ours(coco: str, images: str, args: argparse.Namespace, source: ObjectSource 
     return images_per_second(loader, args.passes, set_epoch)
 
 
-def reference(coco: str, images: str, args: argparse.Namespace) -> float:
+def reference(coco: str, images: str, args: argparse.Namespace) -> Measure:
     """torchvision's references: PIL decode, PIL→tensor, the same augmentation, float conversion in the loader."""
     transforms = v2.Compose([v2.ToImage(), build_transforms(args.augment, to_float=True)])
     dataset = wrap_dataset_for_transforms_v2(
@@ -82,35 +99,53 @@ def reference(coco: str, images: str, args: argparse.Namespace) -> float:
     return images_per_second(loader, args.passes)
 
 
-def s3_rows(work: Path, coco: str, args: argparse.Namespace) -> dict[str, float]:
-    """The S3 rows: the same images served by nginx at path-style URLs (bench/_static_s3.py), with no added
-    latency and with ``--latency-ms`` per request, cold and with the disk cache warm."""
-    bucket = work / "s3root" / "bench"
-    shutil.copytree(BCCD / "JPEGImages", bucket / "images")
-    shutil.copy(coco, bucket / "train.json")
-    rows: dict[str, float] = {}
-    saved = {name: os.environ.get(name) for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                     "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
-    try:
-        for latency in (0.0, args.latency_ms):
-            with StaticS3(work / "s3root", latency_ms=latency) as server:
-                os.environ.update(AWS_ENDPOINT_URL=server.endpoint_url, AWS_ACCESS_KEY_ID="bench",
-                                  AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-                label = f"ours, S3 (nginx) +{latency:g} ms/request"
-                rows[label] = ours("s3://bench/train.json", "s3://bench/images", args)
-                if latency:
-                    cache = DiskCache(work / f"cache-{latency:g}", 10**9)
-                    rows[label + ", cold disk cache"] = ours("s3://bench/train.json", "s3://bench/images", args,
-                                                             source=ObjectSource(cache))
-                    rows[label + ", warm disk cache"] = ours("s3://bench/train.json", "s3://bench/images", args,
-                                                             source=ObjectSource(cache))
-    finally:
-        for name, value in saved.items():
+class S3Rows:
+    """The S3 rows: the same images served by nginx at path-style URLs (bench/_static_s3.py), one server with no
+    added latency and one with ``--latency-ms`` per request, both up for the whole run so their rows alternate
+    with the local ones; the disk-cache rows start each repeat from an empty cache (cold), then read it again
+    (warm)."""
+
+    def __init__(self, work: Path, coco: str, args: argparse.Namespace) -> None:
+        self.work, self.args = work, args
+        bucket = work / "s3root" / "bench"
+        shutil.copytree(BCCD / "JPEGImages", bucket / "images")
+        shutil.copy(coco, bucket / "train.json")
+        self.servers = {latency: StaticS3(work / "s3root", latency_ms=latency)
+                        for latency in (0.0, args.latency_ms)}
+        self.repeat = 0
+
+    def __enter__(self) -> S3Rows:
+        self.saved = {name: os.environ.get(name) for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                                              "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+        for server in self.servers.values():
+            server.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in self.servers.values():
+            server.__exit__()
+        for name, value in self.saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
-    return rows
+
+    def measure(self) -> dict[str, Measure]:
+        rows: dict[str, Measure] = {}
+        self.repeat += 1
+        for latency, server in self.servers.items():
+            os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
+            label = f"ours, S3 (nginx) +{latency:g} ms/request"
+            rows[label] = ours("s3://bench/train.json", "s3://bench/images", self.args)
+            if latency:
+                cache = DiskCache(self.work / f"cache-{self.repeat}", 10**9)
+                rows[label + ", cold disk cache"] = ours("s3://bench/train.json", "s3://bench/images", self.args,
+                                                         source=ObjectSource(cache))
+                rows[label + ", warm disk cache"] = ours("s3://bench/train.json", "s3://bench/images", self.args,
+                                                         source=ObjectSource(cache))
+                shutil.rmtree(self.work / f"cache-{self.repeat}")
+        return rows
 
 
 def main() -> int:
@@ -120,7 +155,7 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=2)
     parser.add_argument("--augment", default="hflip")
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of the local rows")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of every row (medians)")
     args = parser.parse_args()
     problem = missing_tools()
     if problem:
@@ -134,27 +169,32 @@ def main() -> int:
         coco, images = str(work / "coco" / "train.json"), str(BCCD / "JPEGImages")
         print(f"loader bench: BCCD train (205 images), batch {args.batch_size}, {args.workers} workers, "
               f"{args.passes} passes, augment {args.augment}, torch threads 1")
-        rows: dict[str, float] = {}
         ours(coco, images, args)  # warm the page cache and imports, so the first row is not penalised
-        # Alternate the local rows (ABCABC) and keep each one's median, so drift hits all of them alike.
-        local: dict[str, list[float]] = {"ours, local disk": [], "torchvision reference, local disk": [],
-                                         "ours, local disk, plain BatchSampler": []}
-        for _ in range(args.repeats):
-            local["ours, local disk"].append(ours(coco, images, args))
-            local["torchvision reference, local disk"].append(reference(coco, images, args))
-            local["ours, local disk, plain BatchSampler"].append(ours(coco, images, args, plain_sampler=True))
-        rows.update({name: statistics.median(values) for name, values in local.items()})
+        # Every row once per repeat, in the same order (ABCABC), each row's median kept: drift (another job, the
+        # CPU's clock) hits all of them alike, and the S3 rows are compared with local rows of the same moments.
+        samples: dict[str, list[Measure]] = {}
+        with S3Rows(work, coco, args) as s3:
+            for _ in range(args.repeats):
+                measured = {"ours, local disk": ours(coco, images, args),
+                            "torchvision reference, local disk": reference(coco, images, args),
+                            "ours, local disk, plain BatchSampler": ours(coco, images, args, plain_sampler=True),
+                            **s3.measure()}
+                for name, value in measured.items():
+                    samples.setdefault(name, []).append(value)
 
-        rows.update(s3_rows(work, coco, args))
-
-    base = rows["ours, local disk"]
-    print(f"  {'pipeline':<52} {'images/s':>9} {'vs ours local':>14}")
-    for name, value in rows.items():
-        print(f"  {name:<52} {value:9.1f} {value / base:13.2f}x")
-    print(f"  ours vs torchvision reference (local disk): {base / rows['torchvision reference, local disk']:.2f}x")
-    slow, fast = (rows[f"ours, S3 (nginx) +{v:g} ms/request"] for v in (args.latency_ms, 0.0))
-    print(f"  S3 +{args.latency_ms:g} ms vs local disk: {slow / base:.2f}x (target >= 0.95x); "
-          f"latency hiding, S3 +{args.latency_ms:g} ms vs S3 +0 ms: {slow / fast:.2f}x")
+    rate = {name: statistics.median(m.images_per_s for m in values) for name, values in samples.items()}
+    cpu = {name: statistics.median(m.cpu_ms_per_image for m in values) for name, values in samples.items()}
+    base, base_cpu = rate["ours, local disk"], cpu["ours, local disk"]
+    print(f"  {'pipeline':<52}{'images/s':>9} {'vs local':>9} {'CPU ms/img':>11} {'vs local':>9}  each repeat")
+    for name in samples:
+        spread = " ".join(f"{m.images_per_s:.0f}" for m in samples[name])
+        print(f"  {name:<52} {rate[name]:9.1f} {rate[name] / base:8.2f}x {cpu[name]:11.2f} "
+              f"{cpu[name] / base_cpu:8.2f}x  {spread}")
+    print(f"  ours vs torchvision reference (local disk): {base / rate['torchvision reference, local disk']:.2f}x")
+    slow, fast = (f"ours, S3 (nginx) +{v:g} ms/request" for v in (args.latency_ms, 0.0))
+    print(f"  S3 +{args.latency_ms:g} ms vs local disk: {rate[slow] / base:.2f}x images/s (target >= 0.95x), "
+          f"{cpu[slow] / base_cpu:.2f}x CPU per image; latency hiding, S3 +{args.latency_ms:g} ms vs S3 +0 ms: "
+          f"{rate[slow] / rate[fast]:.2f}x")
     return 0
 
 

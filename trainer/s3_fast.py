@@ -21,7 +21,8 @@ it stays on boto3. To keep the runtime out of processes that fork readers, a pro
 ``FAST_AFTER_READS``-th read (the first few reads of a training process or the converter -- config, indexes,
 checkpoints -- go through boto3, and the workers they fork then read through obstore), and a process that has
 torch loaded and was not itself forked (a training or inference process, which forks DataLoader workers) keeps its
-own reads on boto3. ``TRAINER_S3_CLIENT=boto3`` turns the fast client off; ``obstore`` uses it from the first read
+own reads on boto3; its DataLoader workers, which never fork, use obstore from their first read.
+``TRAINER_S3_CLIENT=boto3`` turns the fast client off; ``obstore`` uses it from the first read
 in every process where it can run. Writes, listings, deletes and copies stay on boto3: they are not the hot path,
 and s3transfer's multipart uploads and conditional PUTs have no equivalent we would want to re-test.
 """
@@ -109,8 +110,15 @@ def enabled(bucket_key: tuple[Any, ...]) -> bool:
         return True
     if "torch" in sys.modules and not _forked:
         return False  # a training/inference process: it forks DataLoader workers, which read through obstore
+    if _forked and _in_loader_worker():
+        return True  # a DataLoader worker never forks: no reason to spend its first reads on boto3
     _reads += 1
     return _reads >= FAST_AFTER_READS
+
+
+def _in_loader_worker() -> bool:
+    data = sys.modules.get("torch.utils.data")  # never imports torch
+    return data is not None and data.get_worker_info() is not None
 
 
 def prefer_boto3(bucket_key: tuple[Any, ...], why: str) -> None:

@@ -147,6 +147,53 @@ def test_forked_readers_use_the_fast_client_only_where_it_can_run(s3: S3Env) -> 
     assert lines["child-2"] == "True 0"
 
 
+_LOADER_SCRIPT = """
+import os, sys
+import torch
+from torch.utils.data import DataLoader, Dataset
+from trainer import s3_fast, storage
+uris = [f"s3://{sys.argv[1]}/w/{i}" for i in range(8)]
+for uri in uris:
+    storage.write_bytes(uri, uri.encode())
+storage.read_bytes(uris[0])  # the training process reads through boto3 (it forks workers)
+inherited = storage._client_and_session(storage._client_key())[1]._session.get_component("data_loader")
+for region in ("eu-west-1", "us-east-1"):  # more sessions in this process: boto3's data path is listed once
+    os.environ["AWS_REGION"] = region
+    storage.s3_client()
+print("search-paths-unique", len(set(inherited.search_paths)) == len(inherited.search_paths))
+
+class Reads(Dataset):
+    def __len__(self):
+        return len(uris)
+
+    def __getitem__(self, i):
+        data = storage.read_bytes(uris[i])
+        session = storage._client_and_session(storage._client_key())[1]
+        shared = session._session.get_component("data_loader") is inherited
+        return data == uris[i].encode(), s3_fast.requests, shared, os.getpid()
+
+rows = list(DataLoader(Reads(), batch_size=None, num_workers=1))
+print("parent-requests", s3_fast.requests)
+print("worker-rows", *[f"{ok}/{requests}/{shared}" for ok, requests, shared, _ in rows])
+print("worker-pid-differs", rows[0][3] != os.getpid())
+"""
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_a_dataloader_worker_reads_through_the_fast_client_from_its_first_read(s3: S3Env) -> None:
+    """A loader worker never forks, so it need not spend its first reads on boto3; and its first client reuses the
+    parsed service models of the process it was forked from (botocore's data loader) instead of 0.4 s of JSON."""
+    env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
+    result = subprocess.run([sys.executable, "-c", _LOADER_SCRIPT, s3.bucket], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["search-paths-unique"] == "True"
+    assert lines["parent-requests"] == "0"
+    assert lines["worker-rows"] == " ".join(f"True/{n}/True" for n in range(1, 9))
+    assert lines["worker-pid-differs"] == "True"
+
+
 @pytest.mark.parametrize(("endpoint", "style", "expected"), [
     ("http://minio.local:9000", "path", ("http://minio.local:9000", False)),
     ("http://minio.local:9000", "virtual", ("http://data.minio.local:9000", True)),

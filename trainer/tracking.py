@@ -4,14 +4,16 @@ server that is down or slow never stops or slows training.
 Every public call only queues and returns. The queue is bounded (``MAX_QUEUED_POINTS`` metric points; when it is
 full the oldest points are dropped and counted); one daemon thread talks to the server with ``MlflowClient``,
 retrying with a capped backoff, and ``close`` waits for it a bounded time. The run id, kept in every checkpoint by
-the caller, lets a resumed or preempted job continue the same MLflow run; the steps it redoes are not logged
-twice (per metric key, points at or below the highest step already logged are dropped). ``mlflow`` is imported
-by that thread only, so tracking costs nothing when it is off.
+the caller, lets a resumed or preempted job continue the same MLflow run; a job whose checkpoint does not name
+one (killed before a checkpoint recorded it) continues its run folder's unfinished run, found by a tag. The steps
+it redoes are not logged twice (per metric key, points at or below the highest step already logged are
+dropped). ``mlflow`` is imported by that thread only, so tracking costs nothing when it is off.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -60,6 +62,7 @@ CLIENT_ENV_DEFAULTS = {
 FINISHED, FAILED, KILLED, PREEMPTED = "FINISHED", "FAILED", "KILLED", "PREEMPTED"
 STATUSES = (FINISHED, FAILED, KILLED, PREEMPTED)
 RUN_URI_TAG, STATE_TAG = "trainer.run_uri", "trainer.state"
+RUN_KEY_TAG = "trainer.run_key"  # a hash of the run folder: a search-safe, untruncated stand-in for RUN_URI_TAG
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_.\- /]")
 _INSTALL_HINT = "pip install 'detection-trainer[mlflow]'"
 
@@ -127,6 +130,11 @@ def artifact_path(path_in_run: str) -> PurePosixPath | None:
     if path.is_absolute() or ".." in path.parts or not path.name or "\\" in path_in_run:
         return None
     return path
+
+
+def run_key(run_uri: str) -> str:
+    """The run folder as a tag value any search filter can quote (a URI may hold quotes; tags are truncated)."""
+    return hashlib.sha256(run_uri.encode()).hexdigest()[:32]
 
 
 def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
@@ -605,7 +613,14 @@ class _Worker:
         assert start is not None
         opened = self._attach(start) if start.run_id else None
         if opened is None:
-            opened = self._create(start)
+            experiment_id = self._experiment_id()
+            unfinished = self._unfinished_run(experiment_id)
+            if unfinished is not None:
+                log.info("MLflow tracking: continuing run %s of this run folder (the checkpoint did not name it)",
+                         unfinished)
+                opened = self._attach(_Start(unfinished, start.params))
+            if opened is None:
+                opened = self._create(start, experiment_id)
         run_id, experiment_id = opened
         with self.t._cond:
             self.t._run_id = run_id
@@ -630,10 +645,20 @@ class _Worker:
                 raise
             return str(again.experiment_id)
 
-    def _create(self, start: _Start) -> tuple[str, str]:
-        """A new run, tagged with the trainer's run folder. Not retried once it exists (see ``_open_run``)."""
-        experiment_id = self._experiment_id()
-        tags = {RUN_URI_TAG: self.t.run_uri[:MAX_TAG_CHARS], STATE_TAG: "running"}
+    def _unfinished_run(self, experiment_id: str) -> str | None:
+        """The newest run of this run folder that never ended, or None. A restart whose checkpoint does not name
+        its run continues this one instead of opening a second: the job was killed after the run was created but
+        before a checkpoint recorded its id, or a create whose answer was lost (a timeout) is being retried."""
+        key = run_key(self.t.run_uri)
+        runs = self._call("finding the run", lambda: self._client().search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+            max_results=1, order_by=["attributes.start_time DESC"]))
+        return str(runs[0].info.run_id) if runs else None
+
+    def _create(self, start: _Start, experiment_id: str) -> tuple[str, str]:
+        """A new run, tagged with the trainer's run folder (its URI, and its key for ``_unfinished_run``)."""
+        tags = {RUN_URI_TAG: self.t.run_uri[:MAX_TAG_CHARS], RUN_KEY_TAG: run_key(self.t.run_uri),
+                STATE_TAG: "running"}
         if start.run_id:
             tags["trainer.previous_run_id"] = start.run_id
         run = self._call("creating the run", lambda: self._client().create_run(

@@ -124,6 +124,41 @@ def test_a_resumed_job_continues_its_run_without_logging_a_step_twice(mlflow_url
     assert second.counters.repeated_steps == 10 + 2 + 1  # loss 10..19, AP 14 and 19, the second 25
 
 
+def test_a_restart_whose_checkpoint_does_not_name_the_run_continues_the_unfinished_one(mlflow_url: str,
+                                                                                       client: Any) -> None:
+    """Killed after its run was created but before a checkpoint recorded the id: the restart must not open a
+    second run. A finished run, or another run folder's, is never continued."""
+    killed = make_tracker(mlflow_url)
+    killed.start(None, params())
+    for step in range(10):
+        killed.log_metrics({"loss": float(step)}, step)
+    killed.close(timeout=30)  # no finish(): the run stays RUNNING, as after a kill -9
+    run_id = killed.run_id
+    assert run_id is not None
+
+    other_folder = MlflowTracker(killed.config, RUN_URI + "-other", "other")  # same experiment, another run
+    other_folder.start(None, {"a": 1})
+    other_folder.close(timeout=30)
+    assert other_folder.run_id not in (None, run_id)
+
+    restarted = MlflowTracker(killed.config, RUN_URI, "exp1")
+    restarted.start(None, params())  # no run id: it restarts from step 0, or from a checkpoint taken too early
+    for step in range(5, 15):
+        restarted.log_metrics({"loss": 100.0 + step}, step)
+    restarted.finish("FINISHED")
+    restarted.close(timeout=30)
+    assert restarted.run_id == run_id
+    assert steps(client, run_id, "loss") == list(range(15))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    again = MlflowTracker(killed.config, RUN_URI, "exp1")  # the finished run is not reopened
+    again.start(None, {"a": 1})
+    again.close(timeout=30)
+    assert again.run_id not in (None, run_id, other_folder.run_id)
+    experiment = client.get_experiment_by_name(killed.config.experiment).experiment_id
+    assert len(client.search_runs([experiment])) == 3
+
+
 def test_a_checkpoint_naming_a_run_the_server_lacks_gets_a_new_run(mlflow_url: str, client: Any,
                                                                    warnings: Callable[[], list[str]]) -> None:
     tracker = make_tracker(mlflow_url)

@@ -11,6 +11,8 @@ Cases (each run ``--repeats`` times, median reported):
     the S3 server runs in its own process) per object, ``storage.read_bytes`` (the fast client, see
     trainer/s3_fast.py) against boto3's ``get_object`` with a pool large enough for 16 threads; the storage layer
     forced onto boto3 (``TRAINER_S3_CLIENT=boto3``) is shown beside them. The ratio is ours / boto3: lower is better.
+  * the first read in a forked worker (``--only fork``): client CPU of a process forked from one that already
+    reads S3, ours against a new boto3 client's first ``get_object``; lower is better.
 
 Everything runs against a local moto server on 127.0.0.1 (and the proxy in its own process): nothing leaves
 the machine. Run: ``make bench`` or ``.venv/bin/python bench/storage.py [--quick] [--json out.json]``.
@@ -222,6 +224,52 @@ class CpuPerGet:
               f"boto3 get_object, lower is better; storage on boto3: {ms['ours-boto3']:.3f} ms", flush=True)
 
 
+class ForkedFirstRead:
+    """Client CPU of the first read in a process forked from one that already reads S3 (a DataLoader or converter
+    worker): ours (a fresh client on the parent's parsed service models) against a fresh boto3 client, which is
+    what the worker built before and what a plain boto3 reader builds."""
+
+    def __init__(self, bench: Bench, repeats: int = 7) -> None:
+        self.bench, self.repeats = bench, repeats
+        self.key = "fork/first.bin"
+
+    def in_child(self, read: Callable[[], bytes]) -> float:
+        """CPU ms of ``read()`` in a forked child (sent back through a pipe)."""
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report, leave without running the parent's exit handlers
+            start = cpu_seconds()
+            read()
+            os.write(writer, f"{1000 * (cpu_seconds() - start):.3f}".encode())
+            os._exit(0)
+        os.close(writer)
+        with os.fdopen(reader) as pipe:
+            text = pipe.read()
+        os.waitpid(pid, 0)
+        return float(text)
+
+    def boto3_read(self) -> bytes:
+        client = boto3.client("s3", endpoint_url=self.bench.endpoint)
+        body: bytes = client.get_object(Bucket=self.bench.bucket, Key=self.key)["Body"].read()
+        return body
+
+    def run(self) -> None:
+        storage.write_bytes(f"s3://{self.bench.bucket}/{self.key}", os.urandom(100_000))
+        uri = f"s3://{self.bench.bucket}/{self.key}"
+        storage.read_bytes(uri)  # the parent has read: its client exists, as in a training process or the converter
+        boto3.client("s3", endpoint_url=self.bench.endpoint).head_object(Bucket=self.bench.bucket, Key=self.key)
+        ours, base = [], []
+        for _ in range(self.repeats):
+            ours.append(self.in_child(lambda: storage.read_bytes(uri)))
+            base.append(self.in_child(self.boto3_read))
+        ms_ours, ms_base = statistics.median(ours), statistics.median(base)
+        label = "first read in a forked worker, client CPU ms"
+        self.bench.rows.append({"case": label, "baseline": "new boto3 client + get_object",
+                                "storage_cpu_ms": ms_ours, "baseline_cpu_ms": ms_base, "ratio": ms_ours / ms_base})
+        print(f"  {label:<44} {ms_ours:9.1f} {ms_base:9.1f} {ms_ours / ms_base:7.2f}x   ours / a new boto3 client's "
+              f"first get_object, lower is better (median of {self.repeats})", flush=True)
+
+
 def start_proxy(upstream: str, latency_ms: float, seconds: float) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.support.fault_proxy", "--upstream", upstream,
@@ -238,7 +286,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=20.0, help="latency added by the proxy case (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    parser.add_argument("--only", choices=("large", "small", "latency", "cpu"), help="run one case only")
+    parser.add_argument("--only", choices=("large", "small", "latency", "cpu", "fork"), help="run one case only")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     large_size = (32 if args.quick else 256) * 1024 * 1024
@@ -257,6 +305,8 @@ def main() -> int:
             bench.small(count, size)
         if args.only in (None, "cpu"):
             CpuPerGet(bench, 400 if args.quick else 2000, 100_000).run()
+        if args.only in (None, "fork"):
+            ForkedFirstRead(bench).run()
         if args.latency_ms > 0 and args.only in (None, "latency"):
             proc, url = start_proxy(f"{server.host}:{server.port}", args.latency_ms, seconds=1800)
             try:

@@ -650,9 +650,15 @@ class _Worker:
         its run continues this one instead of opening a second: the job was killed after the run was created but
         before a checkpoint recorded its id, or a create whose answer was lost (a timeout) is being retried."""
         key = run_key(self.t.run_uri)
-        runs = self._call("finding the run", lambda: self._client().search_runs(
-            [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
-            max_results=1, order_by=["attributes.start_time DESC"]))
+        try:
+            runs = self._call("finding the run", lambda: self._client().search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}' and attributes.status = 'RUNNING'",
+                max_results=1, order_by=["attributes.start_time DESC"]))
+        except _Trouble as trouble:
+            if not trouble.permanent:
+                raise
+            self.t._warn_once("search", "MLflow tracking: the server refused %s; a new run is created", trouble)
+            return None
         return str(runs[0].info.run_id) if runs else None
 
     def _create(self, start: _Start, experiment_id: str) -> tuple[str, str]:

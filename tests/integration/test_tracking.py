@@ -159,6 +159,26 @@ def test_a_restart_whose_checkpoint_does_not_name_the_run_continues_the_unfinish
     assert len(client.search_runs([experiment])) == 3
 
 
+def test_a_server_that_refuses_the_run_search_still_gets_a_new_run(mlflow_url: str, client: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   warnings: Callable[[], list[str]]) -> None:
+    """An older or stricter server answering the search with a 400 must not turn tracking off."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("filter not supported", error_code=INVALID_PARAMETER_VALUE)
+
+    monkeypatch.setattr(mlflow_tracking.MlflowClient, "search_runs", refuse)
+    tracker = make_tracker(mlflow_url)
+    tracker.start(None, {"a": 1})
+    tracker.log_metrics({"loss": 1.0}, 3)
+    tracker.close(timeout=30)
+    assert tracker.run_id is not None
+    assert steps(client, tracker.run_id, "loss") == [3]
+    assert any("refused finding the run" in message for message in warnings())
+
+
 def test_a_checkpoint_naming_a_run_the_server_lacks_gets_a_new_run(mlflow_url: str, client: Any,
                                                                    warnings: Callable[[], list[str]]) -> None:
     tracker = make_tracker(mlflow_url)

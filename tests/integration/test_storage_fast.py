@@ -105,6 +105,15 @@ def test_refreshable_credentials_are_refreshed_through_botocore() -> None:
     assert static["expires_at"] is None
 
 
+def _run_script(script: str, bucket: str, timeout: float) -> dict[str, str]:
+    """Run ``script`` in a fresh interpreter (TRAINER_S3_CLIENT=auto); its "name value" output lines, by name."""
+    env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
+    result = subprocess.run([sys.executable, "-c", script, bucket], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    return dict(line.split(" ", 1) for line in result.stdout.splitlines())
+
+
 _FORK_SCRIPT = """
 import multiprocessing, os, sys
 from trainer import s3_fast, storage
@@ -136,11 +145,7 @@ print("child-2", *in_child())                           # runtime inherited: bot
 
 @pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
 def test_forked_readers_use_the_fast_client_only_where_it_can_run(s3: S3Env) -> None:
-    env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
-    result = subprocess.run([sys.executable, "-c", _FORK_SCRIPT, s3.bucket], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    lines = _run_script(_FORK_SCRIPT, s3.bucket, timeout=120)
     assert lines["parent-before"] == "0"
     assert lines["child-1"] == f"True {20 - s3_fast.FAST_AFTER_READS + 1}"
     assert lines["parent-after"] == "True"
@@ -183,11 +188,7 @@ print("worker-pid-differs", rows[0][3] != os.getpid())
 def test_a_dataloader_worker_reads_through_the_fast_client_from_its_first_read(s3: S3Env) -> None:
     """A loader worker never forks, so it need not spend its first reads on boto3; and its first client reuses the
     parsed service models of the process it was forked from (botocore's data loader) instead of 0.4 s of JSON."""
-    env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
-    result = subprocess.run([sys.executable, "-c", _LOADER_SCRIPT, s3.bucket], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    lines = _run_script(_LOADER_SCRIPT, s3.bucket, timeout=180)
     assert lines["search-paths-unique"] == "True"
     assert lines["parent-requests"] == "0"
     assert lines["worker-rows"] == " ".join(f"True/{n}/True" for n in range(1, 9))

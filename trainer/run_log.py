@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import tempfile
 import time
+import weakref
 from typing import Any
 
 from trainer import storage
@@ -85,6 +87,8 @@ class TensorBoardLog:
                                "(pip install 'detection-trainer[tensorboard]')") from exc
         self.uri = uri
         self.local = tempfile.mkdtemp(prefix="trainer-tensorboard-")
+        # deleted by close(), or at exit when a failed run never gets there
+        self._remove_local = weakref.finalize(self, shutil.rmtree, self.local, ignore_errors=True)
         self.writer = SummaryWriter(self.local)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -97,8 +101,12 @@ class TensorBoardLog:
             storage.copy_tree(self.local, self.uri)
 
     def close(self) -> None:
-        self.sync()
-        self.writer.close()
+        """Copy the events into the run and delete the local staging folder (it would pile up in /tmp)."""
+        try:
+            self.sync()
+        finally:
+            self.writer.close()
+            self._remove_local()
 
 
 class RunLog:

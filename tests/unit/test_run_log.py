@@ -1,5 +1,5 @@
 """trainer.run_log: metrics.jsonl survives restarts and drops redone steps; plots follow evaluations;
-TensorBoard event files land in the run folder."""
+TensorBoard event files land in the run folder and leave nothing behind in /tmp."""
 
 from __future__ import annotations
 
@@ -22,7 +22,11 @@ def test_metrics_plots_and_tensorboard(tmp_path: Path) -> None:
         run.train({"epoch": 1 + step // 10, "step": step, "loss": 2.0 / step, "loss_classifier": 1.0 / step,
                    "lr": 0.01})
     run.eval(eval_record(1, 0.3))
+    assert run.tensorboard is not None
+    staging = Path(run.tensorboard.local)
+    assert any(staging.iterdir())
     run.close()
+    assert not staging.exists()  # the events were copied into the run; nothing is left behind in /tmp
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records].count("train") == 20 and records[-1]["kind"] == "eval"
     for name in ("loss.png", "lr.png", "map.png", "per_class_ap.png"):

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -365,3 +366,23 @@ def test_fast_paths_change_no_byte_of_the_output_or_the_report(tmp_path: Path,
     assert outputs["fast", "crowd"] == outputs["slow", "crowd"]
     assert outputs["fast", "drop"] == outputs["slow", "drop"]
     assert {"clipped_box", "degenerate_box", "bad_flag", "malformed_xml"} <= set(outputs["fast", "crowd"][2])
+
+
+def test_what_a_worker_sends_back_unpacks_to_what_it_parsed(tmp_path: Path) -> None:
+    """The packed form a worker pickles for the parent (issue 16) loses nothing: plain files, files with no
+    objects, with problems, without a size, and unusable ones come back equal to the in-process results."""
+    xmls = {
+        "plain.xml": voc_xml("plain.jpg", [("c", "1.5", 2, "30.25", 40, 1), ("d", 0, 0, 640, 480)]),
+        "empty.xml": voc_xml("empty.jpg", []),
+        "clipped.xml": voc_xml("clipped.jpg", [("c", -5, 1, 50, 50), ("c", 9, 9, 1, 1)]),
+        "nosize.xml": voc_xml("nosize.jpg", [("c", 1, 1, 5, 5)], size=None),
+        "broken.xml": "<annotation><filename>x.jpg",
+    }
+    make_voc(tmp_path / "voc", xmls, [])
+    uris = [str(tmp_path / "voc" / "Annotations" / name) for name in xmls]
+    rules = BoxRules()
+    in_process = convert_module.parse_chunk(uris, rules)
+    sent = pickle.loads(pickle.dumps(convert_module.parse_chunk_packed(uris, rules)))
+    assert isinstance(sent[0], tuple) and isinstance(sent[1], tuple)  # the plain ones travel packed
+    assert list(map(convert_module._unpack, sent)) == in_process
+    assert [len(p.boxes or ()) for p in in_process] == [2, 0, 1, 0, 0] and in_process[2].problems

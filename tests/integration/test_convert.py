@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -386,3 +387,13 @@ def test_what_a_worker_sends_back_unpacks_to_what_it_parsed(tmp_path: Path) -> N
     assert isinstance(sent[0], tuple) and isinstance(sent[1], tuple)  # the plain ones travel packed
     assert list(map(convert_module._unpack, sent)) == in_process
     assert [len(p.boxes or ()) for p in in_process] == [2, 0, 1, 0, 0] and in_process[2].problems
+
+
+def test_the_garbage_collector_is_on_again_after_a_conversion_even_a_failed_one(tmp_path: Path) -> None:
+    """convert pauses the cyclic collector while it builds its records (issue 16); the process gets it back."""
+    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)])}, ["a.jpg"])
+    assert run_convert(tmp_path / "voc", tmp_path / "out").exit_code == 0 and gc.isenabled()
+    with pytest.raises(OSError), convert_module._collector_paused():
+        assert not gc.isenabled()
+        raise OSError("a failure while paused")
+    assert gc.isenabled()

@@ -38,11 +38,13 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import botocore.credentials
 import botocore.exceptions as bex
+
+if TYPE_CHECKING:
+    import botocore.credentials
 
 try:
     import obstore
@@ -131,6 +133,8 @@ def prefer_boto3(bucket_key: tuple[Any, ...], why: str) -> None:
 # ------------------------------------------------------------------------------------------- stores
 def _credential_provider(credentials: botocore.credentials.Credentials) -> Any:
     """obstore's callback: boto3's own credentials object (refreshable ones refresh inside botocore)."""
+    import botocore.credentials  # loaded by boto3 already: a store is made from a boto3 client
+
     refreshable = isinstance(credentials, botocore.credentials.RefreshableCredentials)
 
     def provide() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import http.client
 import io
@@ -30,16 +31,15 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-import boto3
-import botocore.exceptions as bex
-import botocore.session
-import urllib3.exceptions
-from boto3.s3.transfer import TransferConfig
-from botocore.config import Config
+import botocore.exceptions as bex  # 20 ms; boto3 itself (0.3 s of imports) loads with the first S3 client
 
 from trainer import s3_fast
+
+if TYPE_CHECKING:
+    import boto3
+    from boto3.s3.transfer import TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,9 @@ _data_loaders: dict[Any, Any] = {}
 
 
 def _new_session() -> boto3.session.Session:
+    import boto3.session
+    import botocore.session
+
     core = botocore.session.get_session()
     data_path = core.get_config_variable("data_path")
     loader = _data_loaders.get(data_path)
@@ -211,6 +214,8 @@ def _client_and_session(key: tuple[Any, ...]) -> tuple[Any, Any]:
     with _client_lock:  # boto3 sessions are not thread-safe; clients are.
         found = _clients.get(key)
         if found is None:
+            from botocore.config import Config
+
             config = Config(
                 retries={
                     "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
@@ -250,6 +255,8 @@ def _transfer_config(download: bool = False) -> TransferConfig:
     Uploads use 8 MB parts (the transfer manager's default, fastest on the servers we measured); downloads use
     16 MB ranges, which halves the request count and measured about 2x faster than the defaults (bench/storage.py).
     """
+    from boto3.s3.transfer import TransferConfig
+
     return TransferConfig(
         multipart_threshold=MULTIPART_THRESHOLD,
         multipart_chunksize=MULTIPART_CHUNK if download else 8 * 1024 * 1024,
@@ -259,17 +266,21 @@ def _transfer_config(download: bool = False) -> TransferConfig:
 
 
 # ------------------------------------------------------------------------------------- error mapping
-_STREAM_ERRORS: tuple[type[BaseException], ...] = (
-    bex.ResponseStreamingError,
-    bex.IncompleteReadError,
-    bex.ReadTimeoutError,
-    bex.ConnectionClosedError,
-    urllib3.exceptions.ProtocolError,
-    urllib3.exceptions.ReadTimeoutError,
-    http.client.IncompleteRead,
-    ConnectionError,
-    TimeoutError,
-)
+@functools.cache
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    import urllib3.exceptions  # loaded with boto3: not at import, for commands that never touch S3
+
+    return (
+        bex.ResponseStreamingError,
+        bex.IncompleteReadError,
+        bex.ReadTimeoutError,
+        bex.ConnectionClosedError,
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.ReadTimeoutError,
+        http.client.IncompleteRead,
+        ConnectionError,
+        TimeoutError,
+    )
 
 
 def _endpoint() -> str:
@@ -336,7 +347,7 @@ def _explain(uri: str, exc: BaseException, *, is_read: bool = True) -> StorageEr
         return StorageError(uri, "a parent of this path is a file, not a directory")
     if isinstance(exc, PermissionError):
         return AccessDenied(uri, "permission denied")
-    if isinstance(exc, _STREAM_ERRORS):
+    if isinstance(exc, _stream_errors()):
         return StorageError(uri, f"the transfer kept failing after retries ({type(exc).__name__}: {exc})")
     if isinstance(exc, bex.BotoCoreError | OSError):
         return StorageError(uri, f"{type(exc).__name__}: {exc}")
@@ -348,7 +359,7 @@ def _retry_stream(uri: str, attempt: Callable[[], T]) -> T:
     for n in range(STREAM_ATTEMPTS):
         try:
             return attempt()
-        except _STREAM_ERRORS as exc:
+        except _stream_errors() as exc:
             if n == STREAM_ATTEMPTS - 1:
                 raise _explain(uri, exc) from exc
             delay = random.uniform(0, min(5.0, 0.1 * 2**n))

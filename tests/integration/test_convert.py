@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.conftest import BCCD, REPO, S3Env
-from tests.support.voc import make_voc, voc_xml
+from tests.support.voc import gc_state_chunk, make_voc, voc_xml
 from trainer import storage
 from trainer.annotations import convert as convert_module
 from trainer.annotations.convert import BoxRules, ConvertOptions, ConvertResult, convert, convert_boxes, plain_boxes
@@ -389,14 +389,23 @@ def test_what_a_worker_sends_back_unpacks_to_what_it_parsed(tmp_path: Path) -> N
     assert [len(p.boxes or ()) for p in in_process] == [2, 0, 1, 0, 0] and in_process[2].problems
 
 
-def test_the_garbage_collector_is_on_again_after_a_conversion_even_a_failed_one(tmp_path: Path) -> None:
-    """convert pauses the cyclic collector while it builds its records (issue 16); the process gets it back."""
-    make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)])}, ["a.jpg"])
-    assert run_convert(tmp_path / "voc", tmp_path / "out").exit_code == 0 and gc.isenabled()
-    with pytest.raises(OSError), convert_module._collector_paused():
-        assert not gc.isenabled()
-        raise OSError("a failure while paused")
+def test_the_garbage_collector_is_paused_only_while_workers_parse(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """parse_all pauses the cyclic collector while the workers' results come in (issue 16): this process gets it
+    back when the results end or when the caller stops taking them, and the workers run with it."""
+    xmls = {f"{i:03d}.xml": voc_xml(f"{i:03d}.jpg", [("c", 1, 1, 5, 5)]) for i in range(70)}
+    make_voc(tmp_path / "voc", xmls, [])
+    uris = [str(tmp_path / "voc" / "Annotations" / name) for name in xmls]
+    seen = [gc.isenabled() for _ in convert_module.parse_all(uris, 2, BoxRules())]
+    assert seen == [False] * 70 and gc.isenabled()
+    assert all(gc.isenabled() for _ in convert_module.parse_all(uris, 1, BoxRules()))  # in this process: never
+    results = convert_module.parse_all(uris, 2, BoxRules())
+    next(results)
+    assert not gc.isenabled()
+    results.close()  # the caller gave up (an error while filing a record)
     assert gc.isenabled()
+    monkeypatch.setattr(convert_module, "parse_chunk_packed", gc_state_chunk)
+    assert {parsed.xml for parsed in convert_module.parse_all(uris, 2, BoxRules())} == {"gc enabled: True"}
 
 
 def test_a_local_conversion_never_loads_boto3(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -44,3 +45,9 @@ def make_voc(root: Path, xmls: dict[str, str | bytes], images: list[str],
         for split, ids in splits.items():
             (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
+
+
+def gc_state_chunk(uris: list[str], rules: object) -> list[tuple[str, None, None, None, list[str], str]]:
+    """Stands in for convert.parse_chunk_packed in a worker: one packed record per file, named after whether the
+    worker's cyclic garbage collector is on (a module-level function, so the pool can send it to a worker)."""
+    return [(f"gc enabled: {gc.isenabled()}", None, None, None, [], "") for _ in uris]

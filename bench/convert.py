@@ -143,17 +143,19 @@ def measure(command: list[str], env: dict[str, str], sample_memory: bool) -> dic
     done = threading.Event()
 
     def sample() -> None:
-        while sample_memory and not done.is_set():
+        while not done.is_set():
             rss, pss = _memory(proc.pid)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    if sample_memory:
+        sampler.start()
     _, stderr = proc.communicate(timeout=1800)
     wall = time.perf_counter() - start
     done.set()
-    sampler.join()
+    if sample_memory:
+        sampler.join()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the converter and its workers, once waited for
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode not in (0,):

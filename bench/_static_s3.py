@@ -9,11 +9,13 @@ with ETag, Last-Modified, Range and If-Match, which is all the read path uses; s
 the endpoint of the correctness tests.
 
 Needs ``nginx`` and its echo module: ``scripts/bench-tools.sh`` installs them (Debian: nginx-light,
-libnginx-mod-http-echo).
+libnginx-mod-http-echo). Where they cannot be installed system-wide (a GPU box without a package registry), point
+``BENCH_NGINX`` at an nginx binary and ``BENCH_NGINX_ECHO_MODULE`` at the module copied from a machine that has them.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from trainer.local_s3 import stop_process
 
-ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
+ECHO_MODULE = Path(os.environ.get("BENCH_NGINX_ECHO_MODULE", "/usr/lib/nginx/modules/ngx_http_echo_module.so"))
 BENCH_HOST = "127.0.0.61"  # its own loopback address: nothing here leaves the machine
 
 _CONFIG = """
@@ -62,11 +64,15 @@ http {{
 
 def missing_tools() -> str | None:
     """Why the endpoint cannot start here, or None."""
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        return "nginx is not installed (run scripts/bench-tools.sh)"
+    if not Path(_nginx()).exists():
+        return "nginx is not installed (run scripts/bench-tools.sh, or set BENCH_NGINX)"
     if not ECHO_MODULE.exists():
         return f"the nginx echo module is missing ({ECHO_MODULE}; run scripts/bench-tools.sh)"
     return None
+
+
+def _nginx() -> str:
+    return os.environ.get("BENCH_NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
 
 
 def _free_port(host: str) -> int:
@@ -98,8 +104,7 @@ class StaticS3:
         config = work / "nginx.conf"
         config.write_text(_CONFIG.format(module=ECHO_MODULE, work=work, host=self.host, port=self.port,
                                          root=self.root.resolve(), delay=delay))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self._process = subprocess.Popen([nginx, "-p", str(work), "-c", str(config)], stdin=subprocess.DEVNULL)
+        self._process = subprocess.Popen([_nginx(), "-p", str(work), "-c", str(config)], stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # bounded: 10 s for nginx to listen
             try:

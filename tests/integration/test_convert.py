@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import itertools
 import json
 import os
 import pickle
@@ -367,6 +368,15 @@ def test_fast_paths_change_no_byte_of_the_output_or_the_report(tmp_path: Path,
     assert outputs["fast", "crowd"] == outputs["slow", "crowd"]
     assert outputs["fast", "drop"] == outputs["slow", "drop"]
     assert {"clipped_box", "degenerate_box", "bad_flag", "malformed_xml"} <= set(outputs["fast", "crowd"][2])
+
+
+def test_file_names_split_exactly_as_os_path_splitext() -> None:
+    # every name of up to five characters over an alphabet with dots, a slash, a space and a letter, plus names
+    # that real folders hold: the converter's fast split must agree with the standard one on all of them
+    alphabet = "a./ b"
+    names = ["".join(chars) for n in range(6) for chars in itertools.product(alphabet, repeat=n)]
+    names += ["2007_000027.xml", "IMG.JPG", ".hidden.jpg", "..xml", "a..b", "résumé.png", "x.tar.gz"]
+    assert [convert_module._split_name(name) for name in names] == [os.path.splitext(name) for name in names]
 
 
 def test_what_a_worker_sends_back_unpacks_to_what_it_parsed(tmp_path: Path) -> None:

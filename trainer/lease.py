@@ -177,7 +177,10 @@ class RunLease:
             except (storage.PreconditionFailed, storage.NotFound):
                 continue  # someone else moved first: look again
             self._acquired = now
-            (log.info if reason.startswith("our own") else log.warning)(
+            # our own job's lease, or one its holder released on a clean stop (a preempted run before its restart),
+            # is the normal way a run goes on: only a damaged, stale or orphaned lease deserves a warning
+            normal = existing is not None and (existing.holder.job == self.holder.job or existing.released)
+            (log.info if normal else log.warning)(
                 "run lease taken over (%s): %s now holds %s", reason, self.holder.describe(), self.run_uri)
             return self
         raise RunLeaseHeld(f"{self.uri}: the lease kept changing while this job tried to take it; another job is "

@@ -274,7 +274,7 @@ def assemble(config: Config, env: DistEnv, stop: StopSignal, lease: RunLease | N
     run_log = RunLog(config.run_uri, active=env.is_main, tensorboard=config.log.tensorboard, tracker=tracker)
     if resumed:
         run_log.forget_after(resumed.step)  # steps after the checkpoint are about to be redone
-    watchdog = ProgressWatchdog(config.train.hang_timeout_seconds, env.rank)
+    watchdog = ProgressWatchdog(config.train.hang_timeout_seconds, env.rank, lambda: stop.received is not None)
     checkpointing = Checkpointing(config, env, trainables, record, stop, data.dataset.index, lease, watchdog,
                                   tracking=lambda: {"mlflow_run_id": tracker.run_id} if tracker.run_id else {})
     trace = SampleTrace(config.log.sample_trace, env) if config.log.sample_trace else None

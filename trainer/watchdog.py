@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,9 @@ def enable_hang_watchdog(environ: MutableMapping[str, str]) -> None:
 class ProgressWatchdog:
     """One re-armable deadline per worker process; a no-op without a torchrun agent's timer server."""
 
-    def __init__(self, timeout_seconds: float, rank: int) -> None:
+    def __init__(self, timeout_seconds: float, rank: int, stopping: Callable[[], bool] = lambda: False) -> None:
         self.timeout = float(timeout_seconds)
+        self._stopping = stopping  # a SIGTERM reached this process: the agent's timer server goes away with it
         self.scope = (f"detection-trainer rank {rank}: no progress for {self.timeout:g} s "
                       "(train.hang_timeout_seconds): stalled")
         self._client = None
@@ -78,8 +79,12 @@ class ProgressWatchdog:
             self._client.acquire(self.scope, time.time() + self.timeout)
             self._armed = True
         except (BrokenPipeError, OSError, RuntimeError) as exc:  # the agent's server is gone: nothing to guard
-            log.warning("hang watchdog: the agent's timer server is unavailable (%s); hang detection is off", exc)
             self._client = None
+            if self._stopping():  # the agent got the same signal and shut its server down: expected, not news
+                log.info("hang watchdog: off while the run stops (the agent's timer server has shut down)")
+            else:
+                log.warning("hang watchdog: the agent's timer server is unavailable (%s); hang detection is off",
+                            exc)
 
     def pause(self) -> None:
         """A phase with no per-step progress (waiting for rank 0's COCOeval, a blocking save): no deadline."""

@@ -5,6 +5,7 @@ local folder and on the real S3 server (moto, conditional PUTs) on loopback."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import threading
 from pathlib import Path
@@ -73,7 +74,8 @@ def test_a_stale_lease_is_taken_over_and_its_old_holder_can_no_longer_write(
         old.fence()
 
 
-def test_renewing_keeps_the_lease_and_release_frees_it(run_uri: str) -> None:
+def test_renewing_keeps_the_lease_and_release_frees_it(run_uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     clock = Clock()
     held = lease(run_uri, "job:a", clock, ttl=60).acquire()
     for _ in range(3):
@@ -83,6 +85,9 @@ def test_renewing_keeps_the_lease_and_release_frees_it(run_uri: str) -> None:
         lease(run_uri, "job:b", clock).acquire()
     held.release()
     lease(run_uri, "job:b", clock).acquire()
+    # a released lease is free: taking it is routine (every resume after a preemption), not a warning
+    taken = [record for record in caplog.records if "taken over" in record.getMessage()]
+    assert [(record.levelno, "released by" in record.getMessage()) for record in taken] == [(logging.INFO, True)]
 
 
 def test_a_damaged_lease_or_a_dead_holder_on_this_host_is_taken_over(run_uri: str) -> None:

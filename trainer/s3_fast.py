@@ -56,6 +56,11 @@ except ImportError:  # pragma: no cover - obstore is a dependency; without it ev
 log = logging.getLogger(__name__)
 
 FAST_AFTER_READS = 16
+# obstore's tokio runtime starts one thread per core in every process that uses it: eight DataLoader workers on a
+# 96-core GPU node would start 768. A process here waits on a few dozen requests at most (the loader's and the
+# converter's fetch threads), which two threads serve at a fraction of a core each; TOKIO_WORKER_THREADS, when the
+# user sets it, wins.
+RUNTIME_THREADS = 2
 # Statuses and error codes botocore's ``standard`` retry mode treats as transient.
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 _RETRY_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown", "Throttling",
@@ -243,7 +248,8 @@ def _transient(exc: BaseException) -> bool:
 def call(fn: Any, endpoint: str, operation: str) -> Any:
     """Run one obstore request with boto3's ``standard`` retry policy (attempts from ``AWS_MAX_ATTEMPTS``)."""
     global _runtime_pid, requests
-    if _runtime_pid is None:
+    if _runtime_pid is None:  # the first request starts the runtime (creating a store does not)
+        os.environ.setdefault("TOKIO_WORKER_THREADS", str(RUNTIME_THREADS))
         _runtime_pid = os.getpid()
     attempts = max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
     for n in range(attempts):

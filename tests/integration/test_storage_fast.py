@@ -105,10 +105,13 @@ def test_refreshable_credentials_are_refreshed_through_botocore() -> None:
     assert static["expires_at"] is None
 
 
-def _run_script(script: str, bucket: str, timeout: float) -> dict[str, str]:
-    """Run ``script`` in a fresh interpreter (TRAINER_S3_CLIENT=auto); its "name value" output lines, by name."""
-    env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
-    result = subprocess.run([sys.executable, "-c", script, bucket], cwd=REPO, env=env, capture_output=True,
+def _run_script(script: str, bucket: str, timeout: float, env: dict[str, str] | None = None) -> dict[str, str]:
+    """Run ``script`` in a fresh interpreter (TRAINER_S3_CLIENT=auto, plus ``env``); its "name value" output
+    lines, by name."""
+    full_env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
+    full_env.pop("TOKIO_WORKER_THREADS", None)  # only a test's own env sets it
+    full_env.update(env or {})
+    result = subprocess.run([sys.executable, "-c", script, bucket], cwd=REPO, env=full_env, capture_output=True,
                             text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return dict(line.split(" ", 1) for line in result.stdout.splitlines())
@@ -157,6 +160,7 @@ import os, sys
 import torch
 from torch.utils.data import DataLoader, Dataset
 from trainer import s3_fast, storage
+s3_fast.RUNTIME_THREADS = int(os.environ.get("TEST_RUNTIME_THREADS", s3_fast.RUNTIME_THREADS))
 uris = [f"s3://{sys.argv[1]}/w/{i}" for i in range(8)]
 for uri in uris:
     storage.write_bytes(uri, uri.encode())
@@ -175,12 +179,15 @@ class Reads(Dataset):
         data = storage.read_bytes(uris[i])
         session = storage._client_and_session(storage._client_key())[1]
         shared = session._session.get_component("data_loader") is inherited
-        return data == uris[i].encode(), s3_fast.requests, shared, os.getpid()
+        tasks = "/proc/self/task"
+        runtime = sum(open(f"{tasks}/{t}/comm").read().startswith("tokio") for t in os.listdir(tasks))
+        return data == uris[i].encode(), s3_fast.requests, shared, os.getpid(), runtime
 
 rows = list(DataLoader(Reads(), batch_size=None, num_workers=1))
 print("parent-requests", s3_fast.requests)
-print("worker-rows", *[f"{ok}/{requests}/{shared}" for ok, requests, shared, _ in rows])
+print("worker-rows", *[f"{ok}/{requests}/{shared}" for ok, requests, shared, _, _ in rows])
 print("worker-pid-differs", rows[0][3] != os.getpid())
+print("worker-runtime-threads", max(row[4] for row in rows))
 """
 
 
@@ -193,6 +200,13 @@ def test_a_dataloader_worker_reads_through_the_fast_client_from_its_first_read(s
     assert lines["parent-requests"] == "0"
     assert lines["worker-rows"] == " ".join(f"True/{n}/True" for n in range(1, 9))
     assert lines["worker-pid-differs"] == "True"
+    # obstore's runtime in a worker has RUNTIME_THREADS threads, not one per core (a cap of 1 tells the two apart
+    # on a 2-core machine); a user's TOKIO_WORKER_THREADS still wins
+    assert lines["worker-runtime-threads"] == str(s3_fast.RUNTIME_THREADS)
+    capped = _run_script(_LOADER_SCRIPT, s3.bucket, timeout=180, env={"TEST_RUNTIME_THREADS": "1"})
+    assert capped["worker-runtime-threads"] == "1"
+    chosen = _run_script(_LOADER_SCRIPT, s3.bucket, timeout=180, env={"TOKIO_WORKER_THREADS": "3"})
+    assert chosen["worker-runtime-threads"] == "3"
 
 
 @pytest.mark.parametrize(("endpoint", "style", "expected"), [

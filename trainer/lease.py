@@ -165,8 +165,8 @@ class RunLease:
             except storage.NotFound:
                 continue  # released and deleted between the two calls: try the create again
             existing = LeaseRecord.parse(self.uri, current.data)
-            reason = self._takeover_reason(existing, now)
-            if reason is None:
+            takeover = self._takeover(existing, now)
+            if takeover is None:
                 assert existing is not None
                 raise RunLeaseHeld(
                     f"{self.run_uri}: this run is being written by another job ({existing.holder.describe()}, "
@@ -177,27 +177,28 @@ class RunLease:
             except (storage.PreconditionFailed, storage.NotFound):
                 continue  # someone else moved first: look again
             self._acquired = now
-            # our own job's lease, or one its holder released on a clean stop (a preempted run before its restart),
-            # is the normal way a run goes on: only a damaged, stale or orphaned lease deserves a warning
-            normal = existing is not None and (existing.holder.job == self.holder.job or existing.released)
-            (log.info if normal else log.warning)(
+            reason, routine = takeover
+            (log.info if routine else log.warning)(
                 "run lease taken over (%s): %s now holds %s", reason, self.holder.describe(), self.run_uri)
             return self
         raise RunLeaseHeld(f"{self.uri}: the lease kept changing while this job tried to take it; another job is "
                            "starting on the same run")
 
-    def _takeover_reason(self, existing: LeaseRecord | None, now: float) -> str | None:
+    def _takeover(self, existing: LeaseRecord | None, now: float) -> tuple[str, bool] | None:
+        """Why this job may take the lease and whether that is routine (our own job's lease, or one released on a
+        clean stop, as before every resume after a preemption) rather than worth a warning (a damaged, stale or
+        orphaned lease); None when another live job holds it."""
         if existing is None:
-            return "the lease was damaged"
+            return "the lease was damaged", False
         if existing.holder.job == self.holder.job:
-            return f"our own lease, from {existing.holder.host} (pid {existing.holder.pid})"
+            return f"our own lease, from {existing.holder.host} (pid {existing.holder.pid})", True
         if existing.released:
-            return f"released by {existing.holder.describe()}"
+            return f"released by {existing.holder.describe()}", True
         if existing.stale(now):
             return (f"stale: {existing.holder.describe()} last renewed it {existing.age(now):.0f} s ago, "
-                    f"TTL {existing.ttl_seconds:.0f} s")
+                    f"TTL {existing.ttl_seconds:.0f} s"), False
         if existing.holder_gone():
-            return f"its holder {existing.holder.describe()} no longer runs on this host"
+            return f"its holder {existing.holder.describe()} no longer runs on this host", False
         return None
 
     def _record(self, now: float, *, released: bool, acquired: float | None = None) -> LeaseRecord:

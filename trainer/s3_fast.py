@@ -58,8 +58,7 @@ log = logging.getLogger(__name__)
 FAST_AFTER_READS = 16
 # obstore's tokio runtime starts one thread per core in every process that uses it: eight DataLoader workers on a
 # 96-core GPU node would start 768. A process here waits on a few dozen requests at most (the loader's and the
-# converter's fetch threads), which two threads serve at a fraction of a core each; TOKIO_WORKER_THREADS, when the
-# user sets it, wins.
+# converter's fetch threads), which two threads serve; TOKIO_WORKER_THREADS, when the user sets it, wins.
 RUNTIME_THREADS = 2
 # Statuses and error codes botocore's ``standard`` retry mode treats as transient.
 _RETRY_STATUS = {429, 500, 502, 503, 504}

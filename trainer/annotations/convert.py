@@ -341,8 +341,8 @@ def convert_boxes(objects: list[VocObject], width: int, height: int, rules: BoxR
 
 # ----------------------------------------------------------------------------------- driver
 def _split_name(name: str) -> tuple[str, str]:
-    """os.path.splitext of a base name. A conversion splits every file name two or three times (40,000 and more
-    for a 20,000-image set), and the general function cost a fifth of the main process's time per file: a name
+    """os.path.splitext of a base name. A conversion splits every file name (40,000 and more for a 20,000-image
+    set), and the general function took a fifth of the main process's time for listing and resolving them: a name
     with a dot after a first character that is not a dot splits at its last dot; any other goes the general way."""
     dot = name.rfind(".")
     if dot > 0 and name[0] != "." and "/" not in name:

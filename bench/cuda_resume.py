@@ -65,6 +65,13 @@ def start(overrides: list[str], log_path: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
 
 
+def run(name: str, run_dir: Path, coco: Path, logs: Path, args: argparse.Namespace,
+        stop_at: int | None = None) -> tuple[int, list[str]]:
+    """One run of the recipe into ``run_dir``, its output in ``logs/<name>.log``: (exit code, output lines)."""
+    log_path = logs / f"{name}.log"
+    return follow(start(run_overrides(coco, run_dir, args), log_path), log_path, stop_at)
+
+
 def global_step(line: str) -> int | None:
     """The global step of a progress line (one process: no rank tag), else None."""
     progress = parse_progress(line)
@@ -132,12 +139,9 @@ def main() -> None:
                 on_progress=lambda _: None)
         codes, outputs = {}, {}
         for name in ("reference", "repeat"):
-            codes[name], outputs[name] = follow(start(run_overrides(work / "coco", work / name, args),
-                                                      logs / f"{name}.log"), logs / f"{name}.log")
-        stopped, _ = follow(start(run_overrides(work / "coco", work / "preempted", args), logs / "stopped.log"),
-                            logs / "stopped.log", stop_at=args.stop_at)
-        codes["resumed"], outputs["resumed"] = follow(
-            start(run_overrides(work / "coco", work / "preempted", args), logs / "resumed.log"), logs / "resumed.log")
+            codes[name], outputs[name] = run(name, work / name, work / "coco", logs, args)
+        stopped, _ = run("stopped", work / "preempted", work / "coco", logs, args, stop_at=args.stop_at)
+        codes["resumed"], outputs["resumed"] = run("resumed", work / "preempted", work / "coco", logs, args)
         print(f"exit codes: reference {codes['reference']}, repeat {codes['repeat']}, stopped {stopped} "
               f"(expected {EXIT_PREEMPTED}), resumed {codes['resumed']}")
         if stopped != EXIT_PREEMPTED:
@@ -159,8 +163,8 @@ def main() -> None:
                                 f"run-to-run noise ({noise:.3g})")
             for name in ("reference", "repeat", "preempted"):
                 print(f"{name}: {summary(work / name)}")
-            peak = [line for line in outputs["reference"] if " mem " in line][-1:]
-            print("last progress line of the reference:", *peak)
+            last = [line for line in outputs["reference"] if " mem " in line][-1:]
+            print("last progress line of the reference:", *last)
     print("RESULT:", "ok" if not failures else "FAILED\n  " + "\n  ".join(failures))
     sys.exit(1 if failures else 0)
 

@@ -6,7 +6,10 @@ prints wall time, CPU time (user + system, workers included) and peak memory (su
 and PSS, sampled every 10 ms in a separate run, as the sampler shares the cores) with ratios,
 for each ``--workers`` count against the same baseline run. Both outputs are checked to hold the same boxes, and
 every worker count to write the same bytes.
-Run: ``.venv/bin/python bench/convert.py [--files N] [--workers 1,2] [--repeat N] [--no-s3]``.
+``--phases`` also prints the main process's serial work per file, phase by phase (listing, gathering and resolving,
+classes, ids, writing), timed in this process on results parsed beforehand: past a few workers that work, not the
+workers, bounds the wall time.
+Run: ``.venv/bin/python bench/convert.py [--files N] [--workers 1,2] [--repeat N] [--no-s3] [--phases]``.
 """
 
 from __future__ import annotations
@@ -218,6 +221,48 @@ def _read_outputs(out: str) -> list[bytes]:
     return [storage.read_bytes(storage.join(out, f"{split}.json")) for split in ("train", "val")]
 
 
+def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
+    """Microseconds per file of each serial phase of the main process (median of ``repeat``), on worker results
+    packed and pickled beforehand, as the workers send them."""
+    import io
+    import pickle
+    import statistics
+
+    from trainer.annotations import convert as c
+    from trainer.annotations.coco import write_coco
+
+    options = c.ConvertOptions(str(root), str(root / "unused"), workers=1)
+    rules = c.BoxRules(options.voc_offset, options.difficult)
+    tree = c._list_voc_tree(options)
+    uris = [tree.xmls[name] for name in sorted(tree.xmls)]
+    chunks = [pickle.dumps(c.parse_chunk_packed(uris[i : i + 500], rules)) for i in range(0, len(uris), 500)]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, start: float) -> float:
+        now = time.perf_counter()
+        times.setdefault(name, []).append(now - start)
+        return now
+
+    for _ in range(repeat):
+        problems = c._Problems()
+        t = time.perf_counter()
+        tree = c._list_voc_tree(options)
+        t = timed("list the folders", t)
+        gathered = (c._unpack(item) for chunk in chunks for item in pickle.loads(chunk))
+        with c._collector_paused():  # as parse_all gathers worker results
+            kept = c._keep_annotated(gathered, tree, options, problems, rules)
+        t = timed("unpickle, unpack, resolve images", t)
+        categories, mapping = c._classes(kept, None, problems)
+        t = timed("classes", t)
+        entries, _ = c._entries(kept, mapping, problems)
+        members = c._split_members(tree, entries, kept, problems)
+        t = timed("ids and splits", t)
+        for chosen in members.values():
+            write_coco(io.BytesIO(), chosen, categories, "bench")
+        timed("write the JSON (to memory)", t)
+    return {name: statistics.median(values) * 1e6 / len(uris) for name, values in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="trainer convert vs a sequential ElementTree converter")
     parser.add_argument("--files", type=int, default=20_000)
@@ -227,6 +272,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per command: the fastest is reported")
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 case")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--phases", action="store_true", help="also time the main process's serial phases")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     rows = []
@@ -242,6 +288,13 @@ def main() -> int:
         env = dict(os.environ)
         rows += compare("local disk", str(work / "voc"), str(work / "ours"), work / "base", env, workers,
                         baseline_py, args.repeat)
+        if args.phases:
+            phases = parent_phases(work / "voc")
+            print("  main process, serial work per file (median of 7, in this process):")
+            for name, micros in phases.items():
+                print(f"    {name:<34}{micros:7.1f} us")
+            print(f"    {'total':<34}{sum(phases.values()):7.1f} us")
+            rows.append({"case": "main process phases (us per file)", **phases})
         if not args.no_s3:
             with LocalS3Server("127.0.0.1") as server:
                 server.apply_env(env)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -308,27 +309,42 @@ def test_bccd_annotations_only_matches_the_full_conversion(tmp_path: Path) -> No
 
 
 # ------------------------------------------------------------------------- fast paths (issue 16)
-def test_plain_boxes_write_exactly_what_convert_boxes_writes() -> None:
+def test_plain_boxes_write_exactly_what_convert_boxes_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The column-wise box conversion against the per-object one, on random boxes with integral, decimal, tiny,
-    huge, zero and negative-zero coordinates: the same text, or None (then convert_boxes has problems to report)."""
+    huge, zero and negative-zero coordinates: the same text, or None (then convert_boxes has problems to report).
+    Files whose coordinates all have one or two decimals take the fixed-point path (over a hundred times here)."""
     rng = random.Random(16)
+    fixed_point_calls: list[bool] = []
+    fixed_point_texts = convert_module._fixed_point_texts
+
+    def counted(*args: Any) -> list[str] | None:
+        texts = fixed_point_texts(*args)
+        fixed_point_calls.append(texts is not None)
+        return texts
+
+    monkeypatch.setattr(convert_module, "_fixed_point_texts", counted)
 
     def value(low: float, high: float) -> float:
+        if decimals is not None:  # every coordinate written with at most this many decimals
+            return float(f"{rng.uniform(low, high):.{rng.randint(0, decimals)}f}")
         kind = 0 if integral else rng.randrange(5)
         return (float(rng.randint(int(low), int(high))) if kind == 0 else rng.uniform(low, high) if kind == 1
                 else float(f"{rng.uniform(low, high):.3e}") if kind == 2 else round(rng.uniform(low, high), 2))
 
     taken = 0
-    for trial in range(1500):
-        integral = trial % 3 == 0  # all coordinates integers: the %d path
+    for trial in range(2500):
+        integral = trial % 5 == 0  # all coordinates integers: the %d path
+        decimals = {1: 1, 2: 2, 3: 3}.get(trial % 5)  # "12.5", "12.25" (fixed-point path), "12.125" (general)
         width, height = rng.choice([(640, 480), (7, 5), (3_000_000_000, 100_000), (2**53 + 2, 2**40)])
         objects = []
         for _ in range(rng.randint(0, 5)):
             x0, y0 = rng.choice([0.0, -0.0, value(0, width), value(0, 1e-3)]), rng.choice([0.0, value(0, height)])
-            if integral and rng.random() < 0.9:
-                x0, y0 = float(rng.randint(1, 40)), float(rng.randint(1, 40))
+            if (integral or decimals) and rng.random() < 0.9:
+                x0, y0 = value(1, 40), value(1, 40)
             x1 = rng.choice([x0 + value(0, width), x0 + 1e-5, float(width), x0 + value(0, 2)])
             y1 = rng.choice([y0 + value(0, height), y0 + value(0, 1e-3), float(height)])
+            if decimals and rng.random() < 0.7:  # written as such, not a sum of two decimal floats
+                x1, y1 = float(f"{x1:.{decimals}f}"), float(f"{y1:.{decimals}f}")
             objects.append(VocObject(rng.choice("ab"), x0, y0, x1, y1, rng.randint(0, 1), rng.randint(0, 1)))
         columns = tuple(map(list, zip(*objects, strict=True))) if objects else ([],) * 7
         for rules in (BoxRules(), BoxRules(True, "keep"), BoxRules(False, "drop")):
@@ -338,7 +354,7 @@ def test_plain_boxes_write_exactly_what_convert_boxes_writes() -> None:
             if fast is not None:
                 taken += 1
                 assert (fast, problems) == (exact, []), (objects, rules)
-    assert taken > 500
+    assert taken > 800 and fixed_point_calls.count(True) > 100
 
 
 def test_fast_paths_change_no_byte_of_the_output_or_the_report(tmp_path: Path,

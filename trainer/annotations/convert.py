@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import itemgetter, lt, mul, sub
+from math import copysign
+from operator import eq, floordiv, itemgetter, lt, mod, mul, sub, truediv
 from pathlib import Path
 from typing import Any, Literal
 
@@ -274,12 +275,17 @@ def plain_boxes(columns: PlainObjects, width: int, height: int, rules: BoxRules)
             or not all(map(lt, y0, y1)) or (rules.difficult == "drop" and any(difficult))):
         return None
     crowd = difficult if rules.difficult == "crowd" else repeat(0)  # (difficult and crowd) for 0/1 flags
-    if _integral_boxes(x0, y0, x1, y1, width, height):  # most VOC tools write integers: exact arithmetic, %d
+    signed_zero = _negative_zero(x0) or _negative_zero(y0)
+    if not signed_zero and _integral_boxes(x0, y0, x1, y1, width, height):  # most tools write integers: %d
         w, h = list(map(sub, x1, x0)), list(map(sub, y1, y0))
         area = list(map(mul, w, h))
         if max(area) < _EXACT:
             texts = map(_INT_BOX_JSON.__mod__, zip(x0, y0, w, h, area, crowd, difficult, truncated, strict=False))
             return list(zip(names, texts, strict=True))
+    elif not signed_zero and max(width, height) < _FIXED_LIMIT:
+        fixed = _fixed_point_texts(x0, y0, x1, y1, crowd, difficult, truncated)
+        if fixed is not None:
+            return list(zip(names, fixed, strict=True))
     w = list(map(round, map(sub, x1, x0), repeat(6)))  # as convert_boxes computes them, value for value
     h = list(map(round, map(sub, y1, y0), repeat(6)))
     rounded_area = map(round, map(mul, w, h), repeat(6))
@@ -289,16 +295,68 @@ def plain_boxes(columns: PlainObjects, width: int, height: int, rules: BoxRules)
 
 # Integers below 2**53 are exact floats: differences and products of such coordinates are the values round()
 # would give, and repr prints them as "12.0" (no exponent below 1e16), which _integral makes "12", as %d does.
-# -0.0 is left to the general path: repr keeps its sign ("-0"), %d does not.
 _EXACT = 2.0**53
 _INT_BOX_JSON = _BOX_JSON.replace("%r", "%d")
 
 
 def _integral_boxes(x0: list[float], y0: list[float], x1: list[float], y1: list[float], width: int,
                     height: int) -> bool:
-    return (width < _EXACT and height < _EXACT and 0.0 not in x0 and 0.0 not in y0
+    return (width < _EXACT and height < _EXACT
             and all(map(float.is_integer, x0)) and all(map(float.is_integer, y0))
             and all(map(float.is_integer, x1)) and all(map(float.is_integer, y1)))
+
+
+def _negative_zero(values: list[float]) -> bool:
+    """-0.0 among values that are all >= 0: repr keeps its sign ("-0"), the integer paths would not."""
+    return 0.0 in values and -1.0 in map(copysign, repeat(1.0), values)
+
+
+# Coordinates with one or two decimals (labelling tools that write "12.5" or "12.25"), done in integers scaled by
+# 10 or 100. With coordinates below 2**24 the float differences are within 1e-8 of the exact decimal, so
+# round(x1 - x0, 6) is that decimal's float, and its repr is the decimal written out (at most 15 digits, at least
+# 0.01). The area's float product is within 3.4e-16 of itself of w * h, and that (at most 4 decimals, at least
+# 1e-4) is what round(w * h, 6) gives while it stays below 1e9. Texts are built from the integer quotient and a
+# table of fraction texts ("" for .0, as _integral writes them).
+_FIXED_LIMIT = 2**24
+_FIXED_AREA_LIMIT = 10**9
+_FIXED_BOX_JSON = _BOX_JSON.replace("%r", "%d%s")
+
+
+def _fraction_texts(digits: int) -> list[str]:
+    return [("." + f"{r:0{digits}d}").rstrip("0") if r else "" for r in range(10**digits)]
+
+
+_FIXED_SCALES = ((10, _fraction_texts(1), _fraction_texts(2)), (100, _fraction_texts(2), _fraction_texts(4)))
+
+
+def _scaled(values: list[float], scale: int) -> list[int] | None:
+    """values x scale as integers, when each value is exactly the float of such an integer / scale."""
+    scaled = list(map(round, map(mul, values, repeat(scale))))
+    return scaled if all(map(eq, values, map(truediv, scaled, repeat(scale)))) else None
+
+
+def _fixed_point_texts(x0: list[float], y0: list[float], x1: list[float], y1: list[float], crowd: Iterable[int],
+                       difficult: list[int], truncated: list[int]) -> list[str] | None:
+    """The box texts of the general path, for coordinates that all have at most one (or two) decimals; None
+    otherwise."""
+    for scale, fractions, area_fractions in _FIXED_SCALES:
+        if ((sx0 := _scaled(x0, scale)) is None or (sy0 := _scaled(y0, scale)) is None
+                or (sx1 := _scaled(x1, scale)) is None or (sy1 := _scaled(y1, scale)) is None):
+            continue
+        sw, sh = list(map(sub, sx1, sx0)), list(map(sub, sy1, sy0))
+        area = list(map(mul, sw, sh))
+        if max(area) >= _FIXED_AREA_LIMIT * scale * scale:
+            return None
+        parts = [*_decimal_parts(sx0, scale, fractions), *_decimal_parts(sy0, scale, fractions),
+                 *_decimal_parts(sw, scale, fractions), *_decimal_parts(sh, scale, fractions),
+                 *_decimal_parts(area, scale * scale, area_fractions)]
+        return list(map(_FIXED_BOX_JSON.__mod__, zip(*parts, crowd, difficult, truncated, strict=False)))
+    return None
+
+
+def _decimal_parts(scaled: list[int], divisor: int, fractions: list[str]) -> tuple[Iterator[int], Iterator[str]]:
+    """The integer part and the fraction text of each scaled / divisor."""
+    return map(floordiv, scaled, repeat(divisor)), map(fractions.__getitem__, map(mod, scaled, repeat(divisor)))
 
 
 def _integral(text: str) -> str:

@@ -6,9 +6,9 @@ prints wall time, CPU time (user + system, workers included) and peak memory (su
 and PSS, sampled every 10 ms in a separate run, as the sampler shares the cores) with ratios,
 for each ``--workers`` count against the same baseline run. Both outputs are checked to hold the same boxes, and
 every worker count to write the same bytes.
-``--phases`` also prints the main process's serial work per file, phase by phase (listing, gathering and resolving,
-classes, ids, writing), timed in this process on results parsed beforehand: past a few workers that work, not the
-workers, bounds the wall time.
+``--phases`` also prints the main process's serial work per file, phase by phase (taking the workers' folder
+listings, gathering and resolving, classes, ids, writing), timed in this process on results listed and parsed
+beforehand: past a few workers that work, not the workers, bounds the wall time.
 Run: ``.venv/bin/python bench/convert.py [--files N] [--workers 1,2] [--repeat N] [--no-s3] [--phases]``.
 """
 
@@ -223,7 +223,7 @@ def _read_outputs(out: str) -> list[bytes]:
 
 def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
     """Microseconds per file of each serial phase of the main process (median of ``repeat``), on worker results
-    packed and pickled beforehand, as the workers send them."""
+    (listings and parsed files) pickled beforehand, as the workers send them."""
     import io
     import pickle
     import statistics
@@ -236,6 +236,7 @@ def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
     tree = c._list_voc_tree(options)
     uris = [tree.xmls[name] for name in sorted(tree.xmls)]
     chunks = [pickle.dumps(c.parse_chunk_packed(uris[i : i + 500], rules)) for i in range(0, len(uris), 500)]
+    listings = [pickle.dumps(c._list_xmls(tree.ann_dir)), pickle.dumps(c._list_images(str(root / "JPEGImages")))]
     times: dict[str, list[float]] = {}
 
     def timed(name: str, start: float) -> float:
@@ -246,8 +247,9 @@ def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
     for _ in range(repeat):
         problems = c._Problems()
         t = time.perf_counter()
-        tree = c._list_voc_tree(options)
-        t = timed("list the folders", t)
+        xmls, (images, by_stem) = pickle.loads(listings[0]), pickle.loads(listings[1])  # listed by two workers
+        tree = c._VocTree(tree.ann_dir, xmls, images, by_stem, c.read_splits(str(root / "ImageSets" / "Main"), None))
+        t = timed("take the listings, read splits", t)
         gathered = (c._unpack(item) for chunk in chunks for item in pickle.loads(chunk))
         with c._collector_paused():  # as parse_all gathers worker results
             kept = c._keep_annotated(gathered, tree, options, problems, rules)

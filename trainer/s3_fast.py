@@ -22,9 +22,18 @@ it stays on boto3. To keep the runtime out of processes that fork readers, a pro
 checkpoints -- go through boto3, and the workers they fork then read through obstore), and a process that has
 torch loaded and was not itself forked (a training or inference process, which forks DataLoader workers) keeps its
 own reads on boto3; its DataLoader workers, which never fork, use obstore from their first read.
-``TRAINER_S3_CLIENT=boto3`` turns the fast client off; ``obstore`` uses it from the first read
-in every process where it can run. Writes, listings, deletes and copies stay on boto3: they are not the hot path,
-and s3transfer's multipart uploads and conditional PUTs have no equivalent we would want to re-test.
+A process that declares it starts no readers (:func:`no_readers_forked_from_here`: the converter's workers) uses
+it from its first request. ``TRAINER_S3_CLIENT=boto3`` turns the fast client off; ``obstore`` uses it from the first
+read in every process where it can run.
+
+Listings: a one-level listing (a folder's files, as the converter lists ``Annotations/`` and ``JPEGImages/``: two
+keys per image) costs boto3 about 130 us of client CPU per key, parsing the XML pages in Python; obstore parses them
+in Rust for about 6. object_store spells keys its own way in two cases, and :func:`list_folder` never lets that
+through: a key it cannot represent (a ``.`` or ``..`` segment, an empty segment, a control character) fails the
+whole listing, which storage then asks of boto3; a folder-marker key (``Annotations/`` itself) comes back without
+its slash, outside the prefix, and gets it back. Recursive listings stay on boto3: there a marker ``a/b/`` and an
+object ``a/b`` would come back alike. Writes, deletes and copies stay on boto3 too: they are not the hot path, and
+s3transfer's multipart uploads and conditional PUTs have no equivalent we would want to re-test.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ if TYPE_CHECKING:
 
 try:
     import obstore
-    from obstore.exceptions import PreconditionError
+    from obstore.exceptions import InvalidPathError, PreconditionError
     from obstore.store import S3Store
 except ImportError:  # pragma: no cover - obstore is a dependency; without it every read uses boto3
     obstore = None  # type: ignore[assignment]
@@ -71,13 +80,15 @@ _stores: dict[tuple[Any, ...], Any] = {}
 _boto3_only: set[tuple[Any, ...]] = set()  # buckets whose answers only boto3 handles (e.g. a region redirect)
 _runtime_pid: int | None = None  # the process that started obstore's runtime (inherited by forked children)
 _forked = False
+_forks_no_readers = False  # this process declared that it starts no process that reads S3
 _reads = 0
 requests = 0  # requests this process sent through obstore (tests and the benchmark read it)
 
 
 def _after_fork_in_child() -> None:
-    global _forked, _reads, requests
+    global _forked, _forks_no_readers, _reads, requests
     _forked = True
+    _forks_no_readers = False
     _reads = requests = 0
 
 
@@ -90,6 +101,10 @@ class BodyCut(ConnectionError):
 
 class Refused(Exception):
     """The fast client got an answer it does not interpret (404, 403, a redirect, ...): ask boto3 instead."""
+
+
+class Unrepresentable(Refused):
+    """A listing holds a key obstore cannot represent: boto3 lists it (the bucket's reads stay on the fast client)."""
 
 
 class PreconditionLost(Exception):
@@ -112,7 +127,7 @@ def enabled(bucket_key: tuple[Any, ...]) -> bool:
     wanted = mode()
     if wanted == "boto3" or not runnable_here() or bucket_key in _boto3_only:
         return False
-    if wanted == "obstore" or _runtime_pid == os.getpid():
+    if wanted == "obstore" or _runtime_pid == os.getpid() or _forks_no_readers:
         return True
     if "torch" in sys.modules and not _forked:
         return False  # a training/inference process: it forks DataLoader workers, which read through obstore
@@ -120,6 +135,13 @@ def enabled(bucket_key: tuple[Any, ...]) -> bool:
         return True  # a DataLoader worker never forks: no reason to spend its first reads on boto3
     _reads += 1
     return _reads >= FAST_AFTER_READS
+
+
+def no_readers_forked_from_here() -> None:
+    """Declare that this process will not fork processes that read S3 (a converter worker): its reads and listings
+    may start obstore's runtime from the first one."""
+    global _forks_no_readers
+    _forks_no_readers = True
 
 
 def _in_loader_worker() -> bool:
@@ -222,6 +244,8 @@ def translate(exc: Exception, endpoint: str, operation: str) -> BaseException:
     :class:`Refused`."""
     if isinstance(exc, PreconditionError):
         return PreconditionLost(str(exc).splitlines()[0])
+    if isinstance(exc, InvalidPathError):  # its text quotes a key, which may hold any word the checks below look for
+        return Unrepresentable("a key the fast client cannot spell")
     text = str(exc)
     status, code, message = _status_code_message(text)
     if status is not None:
@@ -334,6 +358,25 @@ def get(target: Any, key: str, endpoint: str, start: int = 0, end: int | None = 
 def head(target: Any, key: str, endpoint: str) -> dict[str, Any]:
     meta = call(lambda: obstore.head(target, key), endpoint, "HeadObject")
     return {"ContentLength": int(meta["size"]), "ETag": meta.get("e_tag"), "LastModified": meta.get("last_modified")}
+
+
+def list_folder(target: Any, prefix: str, endpoint: str) -> dict[str, Any]:
+    """The objects and sub-folders directly under ``prefix`` ("" or ending with "/"), every page followed, as one
+    boto3-shaped ListObjectsV2 page: every key exactly as S3 spells it, in S3's order."""
+    listed = call(lambda: obstore.list_with_delimiter(target, prefix or None), endpoint, "ListObjectsV2")
+    contents = []
+    for meta in listed["objects"]:
+        key = meta["path"]
+        if not key.startswith(prefix):
+            if key + "/" != prefix:  # anything but the folder's marker, which object_store returns without "/"
+                raise Unrepresentable(f"listed {key!r} outside {prefix!r}")
+            key = prefix
+        contents.append({"Key": key, "Size": int(meta["size"]), "LastModified": meta.get("last_modified"),
+                         "ETag": meta.get("e_tag")})
+    folders = [{"Prefix": folder + "/"} for folder in listed["common_prefixes"]]
+    if any(not folder["Prefix"].startswith(prefix) for folder in folders):
+        raise Unrepresentable(f"a sub-folder listed outside {prefix!r}")
+    return {"Contents": contents, "CommonPrefixes": folders}
 
 
 def reset() -> None:

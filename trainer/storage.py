@@ -235,6 +235,12 @@ def _client_and_session(key: tuple[Any, ...]) -> tuple[Any, Any]:
     return found
 
 
+def forks_no_readers() -> None:
+    """Declare that this process starts no process that reads S3 (a converter worker): the fast client may then
+    serve its reads and listings from the first one (see trainer/s3_fast.py)."""
+    s3_fast.no_readers_forked_from_here()
+
+
 def _fast(loc: S3Location) -> tuple[Any, str] | None:
     """(obstore store, endpoint) when this read goes through the fast client (see trainer/s3_fast.py), else None."""
     key = _client_key()
@@ -467,6 +473,19 @@ def _head(loc: S3Location) -> dict[str, Any]:
     return head
 
 
+def _fast_list_folder(loc: S3Location, prefix: str) -> dict[str, Any] | None:
+    """A one-level listing through the fast client when this process uses it, as one boto3-shaped page (every page
+    followed); None: list with boto3 (also when the folder holds a key the fast client cannot spell). A refusal
+    does not move the bucket's reads to boto3: a listing can fail on a key that no read is about."""
+    fast = _fast(loc)
+    if fast is None:
+        return None
+    try:
+        return s3_fast.list_folder(fast[0], prefix, fast[1])
+    except s3_fast.Refused:  # 404, 403, ...: boto3's answer (and error) is the one users get
+        return None
+
+
 def _get_from(loc: S3Location, uri: str, start: int, etag: str | None, end: int | None = None) -> dict[str, Any]:
     """GET the object from byte ``start`` (to ``end``, exclusive); with ``etag``, only if it is still that version
     (a resumed read must never stitch two versions of an overwritten object together).
@@ -651,12 +670,13 @@ def list_objects(uri: str | os.PathLike[str], recursive: bool = True) -> Iterato
         return
     prefix = loc.key if not loc.key or loc.key.endswith("/") else loc.key + "/"
     found = False
+    args: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
+    if not recursive:
+        args["Delimiter"] = "/"
     with _errors(text):
-        paginator = s3_client().get_paginator("list_objects_v2")
-        args: dict[str, Any] = {"Bucket": loc.bucket, "Prefix": prefix}
-        if not recursive:
-            args["Delimiter"] = "/"
-        for page in paginator.paginate(**args):
+        page = None if recursive else _fast_list_folder(loc, prefix)
+        pages = [page] if page is not None else s3_client().get_paginator("list_objects_v2").paginate(**args)
+        for page in pages:
             for common in page.get("CommonPrefixes", []):
                 found = True
                 yield ObjectInfo(f"s3://{loc.bucket}/{common['Prefix']}", 0, is_dir=True)

@@ -422,16 +422,23 @@ def test_the_garbage_collector_is_paused_only_while_workers_parse(tmp_path: Path
     xmls = {f"{i:03d}.xml": voc_xml(f"{i:03d}.jpg", [("c", 1, 1, 5, 5)]) for i in range(70)}
     make_voc(tmp_path / "voc", xmls, [])
     uris = [str(tmp_path / "voc" / "Annotations" / name) for name in xmls]
-    seen = [gc.isenabled() for _ in convert_module.parse_all(uris, 2, BoxRules())]
-    assert seen == [False] * 70 and gc.isenabled()
-    assert all(gc.isenabled() for _ in convert_module.parse_all(uris, 1, BoxRules()))  # in this process: never
-    results = convert_module.parse_all(uris, 2, BoxRules())
-    next(results)
-    assert not gc.isenabled()
-    results.close()  # the caller gave up (an error while filing a record)
-    assert gc.isenabled()
+    with convert_module.worker_pool(2) as workers:
+        seen = [gc.isenabled() for _ in convert_module.parse_all(uris, BoxRules(), workers)]
+        assert seen == [False] * 70 and gc.isenabled()
+        assert all(gc.isenabled() for _ in convert_module.parse_all(uris, BoxRules()))  # in this process: never
+        results = convert_module.parse_all(uris, BoxRules(), workers)
+        next(results)
+        assert not gc.isenabled()
+        results.close()  # the caller gave up (an error while filing a record)
+        assert gc.isenabled()
     monkeypatch.setattr(convert_module, "parse_chunk_packed", gc_state_chunk)
-    assert {parsed.xml for parsed in convert_module.parse_all(uris, 2, BoxRules())} == {"gc enabled: True"}
+    gc.disable()  # a caller's paused collector is not the workers'
+    try:
+        with convert_module.worker_pool(2) as workers:
+            states = {parsed.xml for parsed in convert_module.parse_all(uris, BoxRules(), workers)}
+    finally:
+        gc.enable()
+    assert states == {"gc enabled: True"}
 
 
 def test_a_local_conversion_never_loads_boto3(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import botocore.credentials
 import pytest
 
 from tests.conftest import REPO, S3Env
+from tests.support.voc import make_voc, voc_xml
 from trainer import s3_fast, storage
 
 MB = 1024 * 1024
@@ -105,14 +106,15 @@ def test_refreshable_credentials_are_refreshed_through_botocore() -> None:
     assert static["expires_at"] is None
 
 
-def _run_script(script: str, bucket: str, timeout: float, env: dict[str, str] | None = None) -> dict[str, str]:
+def _run_script(script: str, bucket: str, timeout: float, env: dict[str, str] | None = None,
+                extra_args: list[str] | None = None) -> dict[str, str]:
     """Run ``script`` in a fresh interpreter (TRAINER_S3_CLIENT=auto, plus ``env``); its "name value" output
     lines, by name."""
     full_env = {**os.environ, "TRAINER_S3_CLIENT": "auto"}
     full_env.pop("TOKIO_WORKER_THREADS", None)  # only a test's own env sets it
     full_env.update(env or {})
-    result = subprocess.run([sys.executable, "-c", script, bucket], cwd=REPO, env=full_env, capture_output=True,
-                            text=True, timeout=timeout)
+    result = subprocess.run([sys.executable, "-c", script, bucket, *(extra_args or [])], cwd=REPO, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
     return dict(line.split(" ", 1) for line in result.stdout.splitlines())
 
@@ -226,3 +228,90 @@ def test_the_fast_client_addresses_buckets_as_boto3_does(endpoint: str | None, s
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-west-2", aws_access_key_id="a",
                           aws_secret_access_key="b", config=Config(s3={"addressing_style": style}))
     assert s3_fast._where(client, "data") == expected
+
+
+def _listing(uri: str, recursive: bool = False) -> list[tuple[str, int, bool, str | None]]:
+    return [(info.uri, info.size, info.is_dir, info.etag) for info in storage.list_objects(uri, recursive=recursive)]
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_one_level_listings_are_the_same_through_both_clients(s3: S3Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder's listing through obstore (two keys per image for the converter) names every object and sub-folder
+    exactly as boto3 does: awkward characters, the folder's own marker object, sub-folder markers, more than one
+    page. Keys obstore cannot spell ("." and ".." segments, empty segments, control characters) fall back to boto3
+    for that listing only; the bucket's reads stay on the fast client."""
+    plain = ["z/", "z/a b.xml", "z/x%20y.xml", "z/\u00fc.xml", "z/#h+q?.xml", "z/back\\slash.xml", "z/..x",
+             "z/sub/", "z/sub/e.xml", "z/other/f", "top.xml"]
+    awkward = ["bad/./c", "bad/a//b", "bad/tab\t.xml", "bad/ok.xml", "dots/../d", "dots/ok.xml"]
+    for key in plain + awkward:
+        storage.write_bytes(s3.uri(key), key.encode())
+    storage.copy_many([(str(REPO / "README.md"), s3.uri(f"many/f{i:04d}")) for i in range(1003)])
+    folders = [s3.uri("z"), s3.uri("z/"), s3.uri("z/sub"), f"s3://{s3.bucket}", s3.uri("many/"), s3.uri("bad"),
+               s3.uri("dots")]
+    results: dict[str, list[object]] = {}
+    for client in ("boto3", "obstore"):
+        monkeypatch.setenv("TRAINER_S3_CLIENT", client)
+        before = s3_fast.requests
+        results[client] = [_listing(uri) for uri in folders]
+        assert (s3_fast.requests > before) == (client == "obstore"), client
+    assert results["obstore"] == results["boto3"]
+    z, _, _, root, many, bad, dots = results["obstore"]
+    assert [row[0] for row in z][:3] == [s3.uri("z/other/"), s3.uri("z/sub/"), s3.uri("z/")]  # marker: with its "/"
+    assert len(z) == 9 and len(many) == 1003 and (s3.uri("top.xml"), 7, False) == root[-1][:3]
+    assert {row[0] for row in bad} == {s3.uri(key) for key in ("bad/./", "bad/a/", "bad/tab\t.xml", "bad/ok.xml")}
+    assert {row[0] for row in dots} == {s3.uri("dots/../"), s3.uri("dots/ok.xml")}
+    before = s3_fast.requests
+    assert storage.read_bytes(s3.uri("bad/ok.xml")) == b"bad/ok.xml" and s3_fast.requests == before + 1
+    monkeypatch.setenv("TRAINER_S3_CLIENT", "obstore")
+    with pytest.raises(storage.StorageError) as fast_error:
+        list(storage.list_objects("s3://no-such-bucket-listing/a/", recursive=False))
+    monkeypatch.setenv("TRAINER_S3_CLIENT", "boto3")
+    with pytest.raises(storage.StorageError) as boto3_error:
+        list(storage.list_objects("s3://no-such-bucket-listing/a/", recursive=False))
+    assert (type(fast_error.value), str(fast_error.value)) == (type(boto3_error.value), str(boto3_error.value))
+
+
+_CONVERT_SCRIPT = """
+import os, sys
+from pathlib import Path
+from trainer import s3_fast, storage
+from trainer.annotations import convert
+log = sys.argv[2] + "/calls.log"
+
+def recorded(name, fn):
+    def call(*args):
+        before, result = s3_fast.requests, fn(*args)
+        files = len(args[0]) if name == "parse" else 1
+        with open(log, "a") as out:
+            out.write(f"{name} {os.getpid() != parent} {s3_fast.requests - before} {files}\\n")
+        return result
+    return call
+
+parent = os.getpid()
+convert._list_names = recorded("list", convert._list_names)
+convert.parse_chunk = recorded("parse", convert.parse_chunk)
+result = convert.convert(convert.ConvertOptions(f"s3://{sys.argv[1]}/voc", f"s3://{sys.argv[1]}/coco", workers=2),
+                         on_progress=lambda text: None)
+print("exit", result.exit_code, result.images)
+print("parent-requests", s3_fast.requests, s3_fast._runtime_pid is None)
+print("calls", *sorted(Path(log).read_text().splitlines()))
+"""
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_the_converter_lists_and_reads_through_the_fast_client_only_in_its_workers(s3: S3Env,
+                                                                                   tmp_path: Path) -> None:
+    """Its worker processes list both folders and read every XML through obstore from their first request (boto3
+    would spend about 130 us of CPU per listed key); the main process, which forks them, never starts obstore."""
+    make_voc(tmp_path / "voc", {f"{i:03d}.xml": voc_xml(f"{i:03d}.jpg", [("c", 1, 1, 5, 5)]) for i in range(80)},
+             [f"{i:03d}.jpg" for i in range(80)])
+    storage.copy_tree(tmp_path / "voc", s3.uri("voc"))
+    lines = _run_script(_CONVERT_SCRIPT, s3.bucket, timeout=180, extra_args=[str(tmp_path)])
+    assert lines["exit"] == "0 80"
+    assert lines["parent-requests"] == "0 True"
+    calls = lines["calls"].split()
+    rows = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    # both folders, one request each, in the workers; the split files' folder is listed here, once per conversion
+    assert [row for row in rows if row[0] == "list"] == [["list", "False", "0", "1"]] + [["list", "True", "1", "1"]] * 2
+    parses = [row for row in rows if row[0] == "parse"]
+    assert parses and all(row[1] == "True" and row[2] == row[3] for row in parses)  # a request per XML, none on boto3

@@ -17,7 +17,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from math import copysign
@@ -225,24 +225,53 @@ def parse_chunk_packed(uris: list[str], rules: BoxRules) -> list[PackedFile | Pa
     return list(map(_pack, parse_chunk(uris, rules)))
 
 
-def parse_all(uris: list[str], workers: int, rules: BoxRules) -> Iterator[Parsed]:
+def parse_all(uris: list[str], rules: BoxRules, workers: Workers | None = None) -> Iterator[Parsed]:
     """Parse every XML, yielding results in input order (whatever the number of workers) as they arrive,
     so the caller works on early chunks while the workers parse later ones.
 
-    With workers, the cyclic garbage collector of this process is paused until the last result is taken: the
-    records it gathers hold no reference cycles, yet with 20,000 of them alive the collector's passes over them
-    took half of its time per file. The caller only files each record meanwhile (no S3 client runs here); the
-    workers, forked while it is paused, turn it back on."""
-    if workers <= 1 or len(uris) < 64:
+    With worker processes (:func:`worker_pool`), the cyclic garbage collector of this process is paused until the
+    last result is taken: the records it gathers hold no reference cycles, yet with 20,000 of them alive the
+    collector's passes over them took half of its time per file. The caller only files each record meanwhile (no
+    S3 client runs here)."""
+    if workers is None or len(uris) < 64:
         yield from parse_chunk(uris, rules)
         return
-    size = max(32, min(500, len(uris) // (workers * 8) or 1))
+    size = max(32, min(500, len(uris) // (workers.count * 8) or 1))
     chunks = [uris[i : i + size] for i in range(0, len(uris), size)]
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with (_collector_paused(),
-          ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=gc.enable) as pool):
-        for chunk in pool.map(parse_chunk_packed, chunks, [rules] * len(chunks)):
+    with _collector_paused():
+        for chunk in workers.pool.map(parse_chunk_packed, chunks, repeat(rules)):
             yield from map(_unpack, chunk)
+
+
+@dataclass(frozen=True)
+class Workers:
+    pool: Executor
+    count: int
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Workers | None]:
+    """The processes that list the folders and parse the XML files (None for ``workers <= 1``: all in this one).
+
+    They declare that they start no S3 readers, so the fast S3 client serves their reads and listings from the
+    first one, and this process never starts that client's runtime before it forks them. If the conversion
+    fails, work not yet started is cancelled instead of run."""
+    if workers <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_start_worker)
+    try:
+        yield Workers(pool, workers)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _start_worker() -> None:
+    gc.enable()  # forked from a process that may have its collector paused
+    storage.forks_no_readers()
 
 
 @contextlib.contextmanager
@@ -580,12 +609,13 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     problems = _Problems()
     result = ConvertResult(strict=options.strict)
     labels = read_labels(options.labels) if options.labels else None
-    tree = _list_voc_tree(options)
-    names = sorted(tree.xmls)
-    say(f"parsing {len(names)} annotation files from {tree.ann_dir} with {options.workers} workers")
     rules = BoxRules(options.voc_offset, options.difficult)
-    kept = _keep_annotated(parse_all([tree.xmls[n] for n in names], options.workers, rules), tree, options,
-                           problems, rules)
+    with worker_pool(options.workers) as workers:
+        tree = _list_voc_tree(options, workers)
+        names = sorted(tree.xmls)
+        say(f"parsing {len(names)} annotation files from {tree.ann_dir} with {options.workers} workers")
+        kept = _keep_annotated(parse_all([tree.xmls[n] for n in names], rules, workers), tree, options, problems,
+                               rules)
     categories, mapping = _classes(kept, labels, problems)
     entries, per_class = _entries(kept, mapping, problems)
     members_by_split = _split_members(tree, entries, kept, problems)
@@ -610,26 +640,52 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     return result
 
 
-def _list_voc_tree(options: ConvertOptions) -> _VocTree:
+def _list_voc_tree(options: ConvertOptions, workers: Workers | None = None) -> _VocTree:
+    """List the annotation and image folders (in two workers at once when there is a pool: for 20,000 images that
+    is 40,000 names, which this process then only unpickles) and read the split files."""
     root = options.voc_root.rstrip("/") if storage.is_s3(options.voc_root) else options.voc_root
     ann_dir, img_dir = storage.join(root, "Annotations"), storage.join(root, "JPEGImages")
-    xmls = {n: u for n, u in _list_names(ann_dir).items() if n.lower().endswith(".xml")}
+    run = workers.pool.submit if workers is not None else _run_now
+    xml_listing = run(_list_xmls, ann_dir)
+    image_listing = None if options.annotations_only else run(_list_images, img_dir)
+    xmls = xml_listing.result()
     if not xmls:
+        if image_listing is not None:
+            image_listing.cancel()
         raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
-    listed = {} if options.annotations_only else _list_names(img_dir)
-    split = {name: _split_name(name) for name in listed}  # once per image: 20,000 images are common
-    images = {name: uri for name, uri in listed.items() if split[name][1].lower() in IMAGE_EXTENSIONS}
+    images, by_stem = image_listing.result() if image_listing is not None else ({}, {})
     if not images and not options.annotations_only:
         raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder); if the images are "
                            "stored elsewhere, --annotations-only converts from the XML alone (sizes from <size>)")
-    by_stem: dict[str, list[str]] = {}
-    for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(split[n][1].lower()), n)):
-        by_stem.setdefault(split[name][0], []).append(name)
     splits: dict[str, list[str] | None] = {"all": None}
     if not options.all:
         found = read_splits(storage.join(root, "ImageSets", "Main"), options.splits)
         splits = {name: ids for name, ids in found.items()} if found else splits
     return _VocTree(ann_dir, xmls, images, by_stem, splits)
+
+
+def _run_now(fn: Callable[[str], Any], arg: str) -> Future[Any]:
+    done: Future[Any] = Future()
+    try:
+        done.set_result(fn(arg))
+    except BaseException as exc:
+        done.set_exception(exc)
+    return done
+
+
+def _list_xmls(ann_dir: str) -> dict[str, str]:
+    return {n: u for n, u in _list_names(ann_dir).items() if n.lower().endswith(".xml")}
+
+
+def _list_images(img_dir: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(image file name -> URI, image stem -> file names with the preferred extension first)."""
+    listed = _list_names(img_dir)
+    split = {name: _split_name(name) for name in listed}  # once per image: 20,000 images are common
+    images = {name: uri for name, uri in listed.items() if split[name][1].lower() in IMAGE_EXTENSIONS}
+    by_stem: dict[str, list[str]] = {}
+    for name in sorted(images, key=lambda n: (IMAGE_EXTENSIONS.index(split[n][1].lower()), n)):
+        by_stem.setdefault(split[name][0], []).append(name)
+    return images, by_stem
 
 
 def _keep_annotated(parsed_list: Iterable[Parsed], tree: _VocTree, options: ConvertOptions, problems: _Problems,

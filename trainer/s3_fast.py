@@ -26,6 +26,10 @@ A process that declares it starts no readers (:func:`no_readers_forked_from_here
 it from its first request. ``TRAINER_S3_CLIENT=boto3`` turns the fast client off; ``obstore`` uses it from the first
 read in every process where it can run.
 
+Keys: object_store reads a key with a leading or trailing slash as another object (``e/`` as ``e``), and cannot
+spell some others (an empty, ``.`` or ``..`` segment, a control character). Such keys never reach it
+(:func:`spells_exactly`, :class:`Unrepresentable`): boto3 serves those requests, and the bucket's others stay here.
+
 Listings: a one-level listing (a folder's files, as the converter lists ``Annotations/`` and ``JPEGImages/``: two
 keys per image) costs boto3 about 130 us of client CPU per key, parsing the XML pages in Python; obstore parses them
 in Rust for about 6. object_store spells keys its own way in two cases, and :func:`list_folder` never lets that
@@ -104,7 +108,8 @@ class Refused(Exception):
 
 
 class Unrepresentable(Refused):
-    """A listing holds a key obstore cannot represent: boto3 lists it (the bucket's reads stay on the fast client)."""
+    """A key (or a listed key) obstore cannot represent: boto3 serves that request, and the bucket's other requests
+    stay on the fast client."""
 
 
 class PreconditionLost(Exception):
@@ -142,6 +147,14 @@ def no_readers_forked_from_here() -> None:
     may start obstore's runtime from the first one."""
     global _forks_no_readers
     _forks_no_readers = True
+
+
+def spells_exactly(key: str) -> bool:
+    """Whether obstore addresses exactly this key. object_store drops a leading or trailing "/" without a word (a
+    GET of ``e/`` returns the object ``e``) and refuses empty, ``.`` and ``..`` segments and control characters
+    (those raise, and :func:`call` makes them :class:`Unrepresentable`); any other character is sent as it is."""
+    return not (key.startswith("/") or key.endswith("/") or "//" in key
+                or (("." in key) and any(part in (".", "..") for part in key.split("/"))))
 
 
 def _in_loader_worker() -> bool:
@@ -276,10 +289,12 @@ def call(fn: Any, endpoint: str, operation: str) -> Any:
         _runtime_pid = os.getpid()
     attempts = max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
     for n in range(attempts):
-        requests += 1
         try:
-            return fn()
+            result = fn()
+        except ValueError as exc:  # obstore cannot spell the key or prefix ("a//b", "a/./b", a tab): nothing was sent
+            raise Unrepresentable(f"{operation}: {str(exc).splitlines()[0][:200]}") from exc
         except Exception as exc:
+            requests += 1
             if obstore is None or not isinstance(exc, obstore.exceptions.BaseError | OSError):
                 raise
             mapped = translate(exc, endpoint, operation)
@@ -288,6 +303,9 @@ def call(fn: Any, endpoint: str, operation: str) -> Any:
             delay = min(20.0, random.random() * 2**n)
             log.debug("%s: %s, retrying in %.2fs", operation, type(mapped).__name__, delay)
             time.sleep(delay)
+        else:
+            requests += 1
+            return result
     raise AssertionError("unreachable")
 
 

@@ -241,13 +241,15 @@ def forks_no_readers() -> None:
     s3_fast.no_readers_forked_from_here()
 
 
-def _fast(loc: S3Location) -> tuple[Any, str] | None:
-    """(obstore store, endpoint) when this read goes through the fast client (see trainer/s3_fast.py), else None."""
-    key = _client_key()
-    bucket_key = (*key, loc.bucket)
+def _fast(loc: S3Location, key: str | None = None) -> tuple[Any, str] | None:
+    """(obstore store, endpoint) when this read of ``key`` (default: the location's) goes through the fast client
+    (see trainer/s3_fast.py), else None."""
+    if not s3_fast.spells_exactly(loc.key if key is None else key):
+        return None  # boto3 reads it: the fast client would read another object, or cannot name it
+    bucket_key = (*_client_key(), loc.bucket)
     if not s3_fast.enabled(bucket_key):
         return None
-    client, session = _client_and_session(key)
+    client, session = _client_and_session(bucket_key[:-1])
     try:
         return s3_fast.store(bucket_key, loc.bucket, client, session), str(client.meta.endpoint_url)
     except s3_fast.Refused as exc:
@@ -468,7 +470,7 @@ def _head(loc: S3Location) -> dict[str, Any]:
         except s3_fast.Refused as exc:  # 404/403/...: boto3's answer is the one users get
             refused = exc
     head: dict[str, Any] = s3_client().head_object(Bucket=loc.bucket, Key=loc.key)
-    if refused is not None:
+    if refused is not None and not isinstance(refused, s3_fast.Unrepresentable):
         s3_fast.prefer_boto3((*_client_key(), loc.bucket), str(refused))  # boto3 read what obstore could not
     return head
 
@@ -477,7 +479,7 @@ def _fast_list_folder(loc: S3Location, prefix: str) -> dict[str, Any] | None:
     """A one-level listing through the fast client when this process uses it, as one boto3-shaped page (every page
     followed); None: list with boto3 (also when the folder holds a key the fast client cannot spell). A refusal
     does not move the bucket's reads to boto3: a listing can fail on a key that no read is about."""
-    fast = _fast(loc)
+    fast = _fast(loc, prefix[:-1]) if prefix != "/" else None  # "/": the empty name under the root, not the root
     if fast is None:
         return None
     try:
@@ -501,7 +503,8 @@ def _get_from(loc: S3Location, uri: str, start: int, etag: str | None, end: int 
             raise StorageError(uri, "the object changed while it was being read") from exc
         except s3_fast.Refused as exc:
             response = _boto3_get(loc, uri, start, etag, end)
-            s3_fast.prefer_boto3((*_client_key(), loc.bucket), str(exc))  # boto3 read what obstore could not
+            if not isinstance(exc, s3_fast.Unrepresentable):  # one odd key does not move the bucket to boto3
+                s3_fast.prefer_boto3((*_client_key(), loc.bucket), str(exc))  # boto3 read what obstore could not
             return response
     return _boto3_get(loc, uri, start, etag, end)
 

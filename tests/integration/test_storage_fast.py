@@ -315,3 +315,26 @@ def test_the_converter_lists_and_reads_through_the_fast_client_only_in_its_worke
     assert [row for row in rows if row[0] == "list"] == [["list", "False", "0", "1"]] + [["list", "True", "1", "1"]] * 2
     parses = [row for row in rows if row[0] == "parse"]
     assert parses and all(row[1] == "True" and row[2] == row[3] for row in parses)  # a request per XML, none on boto3
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+def test_keys_obstore_would_misread_or_cannot_name_are_read_exactly(s3: S3Env,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """object_store drops a leading or trailing "/" (a GET of "e/" returned the object "e") and refuses empty, "."
+    and ".." segments and control characters: each such key is read, streamed, ranged and stat'ed as itself, and
+    the bucket's other reads stay on the fast client."""
+    monkeypatch.setenv("TRAINER_S3_CLIENT", "obstore")
+    odd = ["e/", "/x", "a//b", "a/./y", "a/../q", "t\tab", "sub/"]
+    for key in ["e", "x", "a/b", "sub", *odd]:
+        storage.write_bytes(s3.uri(key), key.encode() * 1000)
+    before = s3_fast.requests
+    for key in odd:
+        uri = f"s3://{s3.bucket}/{key}"
+        assert storage.read_bytes(uri) == key.encode() * 1000, key
+        assert storage.stat(uri).size == len(key) * 1000, key
+        with storage.open_read(uri, buffer_size=4096) as stream:
+            stream.seek(len(key) * 500)
+            assert stream.read(len(key)) == key.encode(), key
+    assert [info.uri for info in storage.list_objects(f"s3://{s3.bucket}//", recursive=False)] == [s3.uri("/x")]
+    assert s3_fast.requests == before  # none of them went through obstore
+    assert storage.read_bytes(s3.uri("e")) == b"e" * 1000 and s3_fast.requests == before + 1

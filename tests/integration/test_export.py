@@ -91,7 +91,8 @@ def test_torchscript_export_passes_the_check_and_runs_with_torchvision_ops(
     metadata = json.loads(extra[METADATA_NAME])
     assert metadata["model"] == SMALL.name and metadata["category_names"] == NAMES and metadata["ema"] is False
     images = [torch.rand(3, 90, 120), torch.rand(3, 120, 64)]  # a batch of two sizes: TorchScript takes any
-    detections = module(images)
+    with torch.no_grad():  # inference, as a user runs it (no autograd graph behind the boxes)
+        detections = module(images)
     assert len(detections) == 2 and detections[1]["boxes"].shape == (100, 4)
     assert float(detections[1]["boxes"][:, 2].max()) <= 64  # boxes in the input image's pixels
 

@@ -27,6 +27,7 @@ from trainer.local_s3 import LocalS3Server, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BCCD = REPO / "examples" / "data" / "bccd"
+SYSTEM_TEMP = Path(tempfile.gettempdir())  # before the session moves TMPDIR under pytest's (owner-only) base temp
 
 
 def _pin_aws_env_to_loopback() -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SYSTEM_TEMP
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "scripts"))
 import check_constraints  # noqa: E402  (scripts/ is not a package)
@@ -202,7 +204,8 @@ def train_one_step_as_the_container_user(root: Path, venv: Path) -> None:
 
 @pytest.mark.slow
 def test_the_image_install_step_gives_an_environment_that_trains() -> None:
-    root = Path(tempfile.mkdtemp(prefix="image-"))  # not pytest's tmp_path: uid 10001 must be able to enter it
+    # not under pytest's base temp (owner-only, and TMPDIR for the session): uid 10001 must be able to enter it
+    root = Path(tempfile.mkdtemp(prefix="image-", dir=SYSTEM_TEMP))
     root.chmod(0o755)
     try:
         venv = install_like_the_dockerfile(root)

@@ -245,23 +245,24 @@ def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
         return now
 
     for _ in range(repeat):
-        problems = c._Problems()
-        t = time.perf_counter()
-        xmls, (images, by_stem) = pickle.loads(listings[0]), pickle.loads(listings[1])  # listed by two workers
-        tree = c._VocTree(tree.ann_dir, xmls, images, by_stem, c.read_splits(str(root / "ImageSets" / "Main"), None))
-        t = timed("take the listings, read splits", t)
-        gathered = (c._unpack(item) for chunk in chunks for item in pickle.loads(chunk))
-        with c._collector_paused():  # as parse_all gathers worker results
+        with c._collector_paused():  # as convert() runs
+            problems = c._Problems()
+            t = time.perf_counter()
+            xmls, (images, by_stem) = pickle.loads(listings[0]), pickle.loads(listings[1])  # listed by two workers
+            splits = c.read_splits(str(root / "ImageSets" / "Main"), None)
+            tree = c._VocTree(tree.ann_dir, xmls, images, by_stem, splits)
+            t = timed("take the listings, read splits", t)
+            gathered = (c._unpack(item) for chunk in chunks for item in pickle.loads(chunk))
             kept = c._keep_annotated(gathered, tree, options, problems, rules)
-        t = timed("unpickle, unpack, resolve images", t)
-        categories, mapping = c._classes(kept, None, problems)
-        t = timed("classes", t)
-        entries, _ = c._entries(kept, mapping, problems)
-        members = c._split_members(tree, entries, kept, problems)
-        t = timed("ids and splits", t)
-        for chosen in members.values():
-            write_coco(io.BytesIO(), chosen, categories, "bench")
-        timed("write the JSON (to memory)", t)
+            t = timed("unpickle, unpack, resolve images", t)
+            categories, mapping = c._classes(kept, None, problems)
+            t = timed("classes", t)
+            entries, _ = c._entries(kept, mapping, problems)
+            members = c._split_members(tree, entries, kept, problems)
+            t = timed("ids and splits", t)
+            for chosen in members.values():
+                write_coco(io.BytesIO(), chosen, categories, "bench")
+            timed("write the JSON (to memory)", t)
     return {name: statistics.median(values) * 1e6 / len(uris) for name, values in times.items()}
 
 

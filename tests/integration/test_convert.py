@@ -415,26 +415,41 @@ def test_what_a_worker_sends_back_unpacks_to_what_it_parsed(tmp_path: Path) -> N
     assert [len(p.boxes or ()) for p in in_process] == [2, 0, 1, 0, 0] and in_process[2].problems
 
 
-def test_the_garbage_collector_is_paused_only_while_workers_parse(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """parse_all pauses the cyclic collector while the workers' results come in (issue 16): this process gets it
-    back when the results end or when the caller stops taking them, and the workers run with it."""
-    xmls = {f"{i:03d}.xml": voc_xml(f"{i:03d}.jpg", [("c", 1, 1, 5, 5)]) for i in range(70)}
-    make_voc(tmp_path / "voc", xmls, [])
-    uris = [str(tmp_path / "voc" / "Annotations" / name) for name in xmls]
-    with convert_module.worker_pool(2) as workers:
-        seen = [gc.isenabled() for _ in convert_module.parse_all(uris, BoxRules(), workers)]
-        assert seen == [False] * 70 and gc.isenabled()
-        assert all(gc.isenabled() for _ in convert_module.parse_all(uris, BoxRules()))  # in this process: never
-        results = convert_module.parse_all(uris, BoxRules(), workers)
-        next(results)
-        assert not gc.isenabled()
-        results.close()  # the caller gave up (an error while filing a record)
-        assert gc.isenabled()
-    monkeypatch.setattr(convert_module, "parse_chunk_packed", gc_state_chunk)
-    gc.disable()  # a caller's paused collector is not the workers'
+def test_the_garbage_collector_is_paused_for_a_whole_conversion_and_only_in_this_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert() pauses this process's cyclic collector from the first parsed record to the last byte written
+    (issue 16), gives it back when it returns or fails (a caller's paused collector stays paused), and its workers
+    run with theirs."""
+    names = [f"{i:03d}" for i in range(70)]
+    make_voc(tmp_path / "voc", {f"{n}.xml": voc_xml(f"{n}.jpg", [("c", 1, 1, 5, 5)]) for n in names},
+             [f"{n}.jpg" for n in names])
+    seen: list[tuple[str, bool]] = []
+    keep, write = convert_module._keep_annotated, convert_module.write_coco
+
+    def noting(parsed: Any) -> Any:
+        for record in parsed:
+            seen.append(("parsed", gc.isenabled()))
+            yield record
+
+    monkeypatch.setattr(convert_module, "_keep_annotated", lambda parsed, *rest: keep(noting(parsed), *rest))
+    monkeypatch.setattr(convert_module, "write_coco",
+                        lambda *args: (seen.append(("written", gc.isenabled())), write(*args))[-1])
+    for workers in (1, 2):
+        seen.clear()
+        result = run_convert(tmp_path / "voc", tmp_path / f"out{workers}", workers=workers)
+        assert result.images == 70 and gc.isenabled()
+        assert seen == [("parsed", False)] * 70 + [("written", False)] * len(result.outputs)
+    (tmp_path / "empty" / "Annotations").mkdir(parents=True)
+    with pytest.raises(convert_module.ConvertError):
+        run_convert(tmp_path / "empty", tmp_path / "out", workers=2)
+    assert gc.isenabled()
+    gc.disable()
     try:
+        run_convert(tmp_path / "voc", tmp_path / "out3", workers=2)
+        assert not gc.isenabled()
+        monkeypatch.setattr(convert_module, "parse_chunk_packed", gc_state_chunk)
         with convert_module.worker_pool(2) as workers:
+            uris = [str(tmp_path / "voc" / "Annotations" / f"{n}.xml") for n in names]
             states = {parsed.xml for parsed in convert_module.parse_all(uris, BoxRules(), workers)}
     finally:
         gc.enable()

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,7 +23,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.conftest import BCCD, REPO, S3Env
-from tests.support.voc import gc_state_chunk, make_voc, voc_xml
+from tests.support.voc import SAMPLE_JPEG, gc_state_chunk, make_voc, voc_xml
 from trainer import storage
 from trainer.annotations import convert as convert_module
 from trainer.annotations.convert import BoxRules, ConvertOptions, ConvertResult, convert, convert_boxes, plain_boxes
@@ -221,6 +222,20 @@ def test_a_split_requested_but_absent_and_a_missing_folder_are_clear_errors(tmp_
     result = cli("--voc-root", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "no .xml annotation files found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_errors_found_after_the_workers_started_parsing_stop_the_run_and_write_nothing(tmp_path: Path) -> None:
+    """With worker processes, parsing starts before the image folder is listed and the split files are read
+    (issue 16): an error found there still stops the run with its one-line message, and nothing is written."""
+    xmls = {f"{i:03d}.xml": voc_xml(f"{i:03d}.jpg", [("c", 1, 1, 5, 5)]) for i in range(300)}
+    root = make_voc(tmp_path / "voc", xmls, [], splits={"train": ["000"]})
+    with pytest.raises(convert_module.ConvertError, match="JPEGImages: no image files found"):
+        run_convert(root, tmp_path / "out", workers=2)
+    shutil.copyfile(SAMPLE_JPEG, root / "JPEGImages" / "000.jpg")
+    with pytest.raises(convert_module.ConvertError, match=r"tset.txt: no such split file \(present: train\)"):
+        run_convert(root, tmp_path / "out", workers=2, splits=["tset"])
+    assert not (tmp_path / "out").exists()
+    assert run_convert(root, tmp_path / "out", workers=2, splits=["train"]).split_images == {"train": 1}
 
 
 def test_cli_summary_exit_codes_and_report(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from math import copysign
 from operator import eq, floordiv, itemgetter, lt, mod, mul, sub, truediv
 from pathlib import Path
@@ -227,14 +227,17 @@ def parse_chunk_packed(uris: list[str], rules: BoxRules) -> list[PackedFile | Pa
 
 def parse_all(uris: list[str], rules: BoxRules, workers: Workers | None = None) -> Iterator[Parsed]:
     """Parse every XML, yielding results in input order (whatever the number of workers) as they arrive,
-    so the caller works on early chunks while the workers parse later ones."""
+    so the caller works on early chunks while the workers parse later ones. Workers are handed every chunk now,
+    before the first result is asked for; without them, files are parsed when the results are."""
     if workers is None or len(uris) < 64:
-        yield from parse_chunk(uris, rules)
-        return
+        return _parse_here(uris, rules)
     size = max(32, min(500, len(uris) // (workers.count * 8) or 1))
     chunks = [uris[i : i + size] for i in range(0, len(uris), size)]
-    for chunk in workers.pool.map(parse_chunk_packed, chunks, repeat(rules)):
-        yield from map(_unpack, chunk)
+    return map(_unpack, chain.from_iterable(workers.pool.map(parse_chunk_packed, chunks, repeat(rules))))
+
+
+def _parse_here(uris: list[str], rules: BoxRules) -> Iterator[Parsed]:
+    yield from parse_chunk(uris, rules)
 
 
 @dataclass(frozen=True)
@@ -613,11 +616,13 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     labels = read_labels(options.labels) if options.labels else None
     rules = BoxRules(options.voc_offset, options.difficult)
     with worker_pool(options.workers) as workers:
-        tree = _list_voc_tree(options, workers)
-        names = sorted(tree.xmls)
-        say(f"parsing {len(names)} annotation files from {tree.ann_dir} with {options.workers} workers")
-        kept = _keep_annotated(parse_all([tree.xmls[n] for n in names], rules, workers), tree, options, problems,
-                               rules)
+        listing = _TreeListing(options, workers)
+        xmls = listing.annotations()
+        names = sorted(xmls)
+        say(f"parsing {len(names)} annotation files from {listing.ann_dir} with {options.workers} workers")
+        parsed = parse_all([xmls[n] for n in names], rules, workers)  # the workers start on them now
+        tree = listing.tree(xmls)
+        kept = _keep_annotated(parsed, tree, options, problems, rules)
     categories, mapping = _classes(kept, labels, problems)
     entries, per_class = _entries(kept, mapping, problems)
     members_by_split = _split_members(tree, entries, kept, problems)
@@ -642,28 +647,46 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     return result
 
 
+class _TreeListing:
+    """A VOC folder's two listings, started together (in two workers when there is a pool: for 20,000 images that
+    is 40,000 names, which this process then only unpickles). The annotation files are taken first, so the workers
+    can start parsing them while the image folder, the longer listing, is still being listed."""
+
+    def __init__(self, options: ConvertOptions, workers: Workers | None) -> None:
+        self.options = options
+        self.root = options.voc_root.rstrip("/") if storage.is_s3(options.voc_root) else options.voc_root
+        self.ann_dir, self.img_dir = storage.join(self.root, "Annotations"), storage.join(self.root, "JPEGImages")
+        run = workers.pool.submit if workers is not None else _run_now
+        self._xmls = run(_list_xmls, self.ann_dir)
+        self._images = None if options.annotations_only else run(_list_images, self.img_dir)
+
+    def annotations(self) -> dict[str, str]:
+        """Annotation file name -> URI."""
+        xmls: dict[str, str] = self._xmls.result()
+        if not xmls:
+            if self._images is not None:
+                self._images.cancel()
+            raise ConvertError(f"{self.ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
+        return xmls
+
+    def tree(self, xmls: dict[str, str]) -> _VocTree:
+        """The whole tree, once the image folder is listed, with the split files read."""
+        images, by_stem = self._images.result() if self._images is not None else ({}, {})
+        if not images and not self.options.annotations_only:
+            raise ConvertError(f"{self.img_dir}: no image files found (expected a Pascal VOC folder); if the images "
+                               "are stored elsewhere, --annotations-only converts from the XML alone (sizes from "
+                               "<size>)")
+        splits: dict[str, list[str] | None] = {"all": None}
+        if not self.options.all:
+            found = read_splits(storage.join(self.root, "ImageSets", "Main"), self.options.splits)
+            splits = {name: ids for name, ids in found.items()} if found else splits
+        return _VocTree(self.ann_dir, xmls, images, by_stem, splits)
+
+
 def _list_voc_tree(options: ConvertOptions, workers: Workers | None = None) -> _VocTree:
-    """List the annotation and image folders (in two workers at once when there is a pool: for 20,000 images that
-    is 40,000 names, which this process then only unpickles) and read the split files."""
-    root = options.voc_root.rstrip("/") if storage.is_s3(options.voc_root) else options.voc_root
-    ann_dir, img_dir = storage.join(root, "Annotations"), storage.join(root, "JPEGImages")
-    run = workers.pool.submit if workers is not None else _run_now
-    xml_listing = run(_list_xmls, ann_dir)
-    image_listing = None if options.annotations_only else run(_list_images, img_dir)
-    xmls = xml_listing.result()
-    if not xmls:
-        if image_listing is not None:
-            image_listing.cancel()
-        raise ConvertError(f"{ann_dir}: no .xml annotation files found (expected a Pascal VOC folder)")
-    images, by_stem = image_listing.result() if image_listing is not None else ({}, {})
-    if not images and not options.annotations_only:
-        raise ConvertError(f"{img_dir}: no image files found (expected a Pascal VOC folder); if the images are "
-                           "stored elsewhere, --annotations-only converts from the XML alone (sizes from <size>)")
-    splits: dict[str, list[str] | None] = {"all": None}
-    if not options.all:
-        found = read_splits(storage.join(root, "ImageSets", "Main"), options.splits)
-        splits = {name: ids for name, ids in found.items()} if found else splits
-    return _VocTree(ann_dir, xmls, images, by_stem, splits)
+    """The listed tree, all at once (what a caller that parses nothing meanwhile needs)."""
+    listing = _TreeListing(options, workers)
+    return listing.tree(listing.annotations())
 
 
 def _run_now(fn: Callable[[str], Any], arg: str) -> Future[Any]:

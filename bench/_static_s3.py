@@ -94,6 +94,12 @@ class StaticS3:
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The nginx process (one: no master, one worker), whose CPU the loader bench reports."""
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def __enter__(self) -> StaticS3:
         problem = missing_tools()
         if problem:

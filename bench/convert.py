@@ -9,7 +9,12 @@ every worker count to write the same bytes.
 ``--phases`` also prints the main process's serial work per file, phase by phase (taking the workers' folder
 listings, gathering and resolving, classes, ids, writing), timed in this process on results listed and parsed
 beforehand: past a few workers that work, not the workers, bounds the wall time.
-Run: ``.venv/bin/python bench/convert.py [--files N] [--workers 1,2] [--repeat N] [--no-s3] [--phases]``.
+``--reads`` also measures the client CPU per object of reading and parsing the annotations from an S3 endpoint that
+costs little CPU itself (nginx, bench/_static_s3.py; moto spends as much CPU per request as the client, and its slow
+answers inflate the client's too): a converter worker's ``parse_chunk`` against the baseline's sequential boto3
+``get_object`` and ElementTree parse, each in its own process. nginx cannot list, so this row reads a known list of
+keys instead of converting.
+Run: ``.venv/bin/python bench/convert.py [--files N] [--workers 1,2] [--repeat N] [--no-s3] [--phases] [--reads]``.
 """
 
 from __future__ import annotations
@@ -266,6 +271,70 @@ def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
     return {name: statistics.median(values) * 1e6 / len(uris) for name, values in times.items()}
 
 
+# The two readers of the --reads row, each run in its own process: the key list comes on stdin, the client CPU
+# (user + system) per object of the timed pass goes to stdout. Both read every key once untimed first (connections,
+# the client's set-up), then once timed.
+_READS_OURS = """
+import resource, sys
+from trainer import storage
+from trainer.annotations.convert import BoxRules, parse_chunk
+uris = sys.stdin.read().split()
+storage.forks_no_readers()  # as a converter worker declares
+chunks = [uris[i : i + 500] for i in range(0, len(uris), 500)]
+for chunk in chunks:
+    parse_chunk(chunk, BoxRules())
+before = resource.getrusage(resource.RUSAGE_SELF)
+for chunk in chunks:
+    parse_chunk(chunk, BoxRules())
+after = resource.getrusage(resource.RUSAGE_SELF)
+print((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / len(uris))
+"""
+_READS_BASELINE = """
+import resource, sys, xml.etree.ElementTree as ET
+import boto3
+keys = [uri[len("s3://bench/"):] for uri in sys.stdin.read().split()]
+s3 = boto3.client("s3")
+def convert_all():
+    for key in keys:
+        root = ET.fromstring(s3.get_object(Bucket="bench", Key=key)["Body"].read())
+        [(o.findtext("name"), [float(o.find("bndbox").findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")])
+         for o in root.findall("object")]
+convert_all()
+before = resource.getrusage(resource.RUSAGE_SELF)
+convert_all()
+after = resource.getrusage(resource.RUSAGE_SELF)
+print((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / len(keys))
+"""
+
+
+def s3_reads(root: Path, work: Path, count: int) -> dict[str, float]:
+    """Client CPU ms per object, reading and parsing ``count`` annotations from nginx: ours and the baseline's."""
+    from _static_s3 import StaticS3, missing_tools
+
+    problem = missing_tools()
+    if problem:
+        print(f"  S3 reads row skipped: {problem}")
+        return {}
+    (work / "s3root" / "bench").mkdir(parents=True)
+    (work / "s3root" / "bench" / "Annotations").symlink_to(root / "Annotations")
+    keys = sorted(path.name for path in (root / "Annotations").iterdir())[:count]
+    uris = "\n".join(f"s3://bench/Annotations/{name}" for name in keys)
+    with StaticS3(work / "s3root") as server:
+        env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+        ms = {}
+        for name, script in (("baseline", _READS_BASELINE), ("ours", _READS_OURS)):
+            done = subprocess.run([sys.executable, "-c", script], input=uris, env=env, cwd=REPO, text=True,
+                                  capture_output=True, timeout=1800)
+            if done.returncode:
+                raise SystemExit(f"the {name} reader failed:\n{done.stderr[-2000:]}")
+            ms[name] = float(done.stdout) * 1000
+    print(f"  S3 (nginx) reads and parsing, client CPU per object ({len(keys)} objects): baseline (boto3, "
+          f"sequential) {ms['baseline']:.3f} ms, ours (a converter worker's parse_chunk) {ms['ours']:.3f} ms: "
+          f"x{ms['ours'] / ms['baseline']:.2f}")
+    return ms
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="trainer convert vs a sequential ElementTree converter")
     parser.add_argument("--files", type=int, default=20_000)
@@ -276,6 +345,8 @@ def main() -> int:
     parser.add_argument("--no-s3", action="store_true", help="skip the S3 case")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--phases", action="store_true", help="also time the main process's serial phases")
+    parser.add_argument("--reads", action="store_true",
+                        help="also measure client CPU per object reading the annotations from nginx")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     rows = []
@@ -298,6 +369,9 @@ def main() -> int:
                 print(f"    {name:<34}{micros:7.1f} us")
             print(f"    {'total':<34}{sum(phases.values()):7.1f} us")
             rows.append({"case": "main process phases (us per file)", **phases})
+        if args.reads:
+            rows.append({"case": "S3 (nginx) reads, client CPU ms per object",
+                         **s3_reads(work / "voc", work, min(args.files, 5000))})
         if not args.no_s3:
             with LocalS3Server("127.0.0.1") as server:
                 server.apply_env(env)

@@ -63,15 +63,10 @@ def _temporary_files_under_pytests_base_temp(tmp_path_factory: pytest.TempPathFa
     """What the processes the suite starts leave in the temp folder (torch elastic's torchelastic_* log folders,
     multiprocessing's pymp-* folders: about 800 a run) goes under pytest's base temp, which pytest prunes, instead
     of piling up in /tmp."""
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp"))
-    tempfile.tempdir = None  # this process, too, picks the new folder on its next temp file
-    yield
-    if saved is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved
-    tempfile.tempdir = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        patch.setattr(tempfile, "tempdir", None)  # this process, too, picks the new folder on its next temp file
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -471,6 +471,32 @@ def test_the_garbage_collector_is_paused_for_a_whole_conversion_and_only_in_this
     assert states == {"gc enabled: True"}
 
 
+def test_a_one_process_conversion_from_s3_reads_a_chunk_at_a_time_with_the_collector_running(
+        s3: S3Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --workers 1 from S3 the objects are fetched a chunk at a time (not every file's bytes at once), and the
+    cyclic collector, paused for the conversion, runs while this process reads them and the image headers: a
+    failed read leaves its exceptions in reference cycles, which only the collector frees."""
+    names = [f"{i:03d}" for i in range(120)]
+    xmls = {f"{n}.xml": voc_xml(f"{n}.jpg", [("c", 1, 1, 5, 5)], size=None if n == "000" else (640, 480))
+            for n in names}
+    root = make_voc(tmp_path / "voc", xmls, ["000.jpg"])
+    for n in names[1:]:
+        (root / "JPEGImages" / f"{n}.jpg").write_bytes(b"")  # listed only: their sizes are in the XML
+    storage.copy_tree(root, s3.uri("voc"))
+    chunks: list[int] = []
+    reads: list[bool] = []
+    parse_chunk, read, header_size = convert_module.parse_chunk, convert_module._read, convert_module.header_size
+    monkeypatch.setattr(convert_module, "_CHUNK_FILES", 50)
+    monkeypatch.setattr(convert_module, "parse_chunk", lambda uris, rules: (chunks.append(len(uris)),
+                                                                            parse_chunk(uris, rules))[-1])
+    monkeypatch.setattr(convert_module, "_read", lambda uri: (reads.append(gc.isenabled()), read(uri))[-1])
+    monkeypatch.setattr(convert_module, "header_size", lambda stream: (reads.append(gc.isenabled()),
+                                                                       header_size(stream))[-1])
+    result = run_convert(s3.uri("voc"), tmp_path / "out", workers=1)
+    assert result.images == 120 and result.problems.keys() == {"size_from_image"}
+    assert chunks == [50, 50, 20] and reads == [True] * 121 and gc.isenabled()
+
+
 def test_a_local_conversion_never_loads_boto3(tmp_path: Path) -> None:
     """boto3 is 0.3 s of imports, a tenth of a 20,000-file conversion (issue 16): it loads with the first S3 client,
     so a command that only touches local files starts without it."""

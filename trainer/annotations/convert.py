@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DifficultMode = Literal["keep", "crowd", "drop"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _FETCH_THREADS = 16
+_CHUNK_FILES = 500  # files parsed per task: their bytes are held together while a worker (or this process) parses
 
 # Every kind of problem the converter reports, with its severity:
 #   error   - a file could not be converted at all (exit status 1);
@@ -187,7 +188,7 @@ def _read_local(path: str) -> bytes | storage.StorageError:
 def parse_chunk(uris: list[str], rules: BoxRules) -> list[Parsed]:
     """Read and parse a chunk of XML files (in a worker process); S3 objects are fetched by threads."""
     if uris and storage.is_s3(uris[0]):
-        with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+        with _collector_running(), ThreadPoolExecutor(_FETCH_THREADS) as pool:
             contents: Iterable[bytes | storage.StorageError] = list(pool.map(_read, uris))
     elif all("://" not in uri for uri in uris):
         contents = map(_read_local, uris)
@@ -231,13 +232,15 @@ def parse_all(uris: list[str], rules: BoxRules, workers: Workers | None = None) 
     before the first result is asked for; without them, files are parsed when the results are."""
     if workers is None or len(uris) < 64:
         return _parse_here(uris, rules)
-    size = max(32, min(500, len(uris) // (workers.count * 8) or 1))
+    size = max(32, min(_CHUNK_FILES, len(uris) // (workers.count * 8) or 1))
     chunks = [uris[i : i + size] for i in range(0, len(uris), size)]
     return map(_unpack, chain.from_iterable(workers.pool.map(parse_chunk_packed, chunks, repeat(rules))))
 
 
 def _parse_here(uris: list[str], rules: BoxRules) -> Iterator[Parsed]:
-    yield from parse_chunk(uris, rules)
+    """In this process, a chunk at a time: parse_chunk holds the bytes of its whole chunk (fetched by threads)."""
+    for start in range(0, len(uris), _CHUNK_FILES):
+        yield from parse_chunk(uris[start : start + _CHUNK_FILES], rules)
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,20 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def _collector_running() -> Iterator[None]:
+    """Run the cyclic garbage collector during S3 reads made in this process, one per file, even inside a paused
+    conversion: a failed read (a missing object, access denied) leaves about 25 KB in reference cycles (the
+    clients' exceptions and their tracebacks), which only the collector frees."""
+    was_enabled = gc.isenabled()
+    gc.enable()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            gc.disable()
 
 
 # ----------------------------------------------------------------------------------- boxes
@@ -606,8 +623,9 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     The cyclic garbage collector of this process is paused for the whole conversion (the workers run with theirs):
     the records it builds, one or more per file, hold no reference cycles, yet with 20,000 of them alive each of
     the collector's passes walked them all: pausing it took about a tenth off a 20,000-file conversion, with one
-    worker or two (numbering the annotations alone ran three times as fast). What little cyclic garbage the run
-    leaves (boto3's: a few objects per request) is collected once it returns."""
+    worker or two (numbering the annotations alone ran three times as fast). It runs again while this process
+    reads objects one per file (:func:`_collector_running`); the little cyclic garbage the rest leaves (boto3's: a
+    few objects per request) is collected once the conversion returns."""
     say = on_progress or (lambda text: log.info("%s", text))
     if options.difficult not in ("keep", "crowd", "drop"):
         raise ConvertError(f"--difficult must be keep, crowd or drop, not {options.difficult!r}")
@@ -820,7 +838,7 @@ def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems
         except storage.StorageError:
             return None
 
-    with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+    with _collector_running(), ThreadPoolExecutor(_FETCH_THREADS) as pool:
         sizes = list(pool.map(probe, need))
     for (parsed, image), size in zip(need, sizes, strict=True):
         if size is None:

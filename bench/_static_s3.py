@@ -94,6 +94,15 @@ class StaticS3:
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def client_env(self, environ: dict[str, str] | None = None) -> dict[str, str]:
+        """``environ`` (default: this process's) with every AWS variable replaced by ones that point a client here
+        and nowhere else: no profile, config file, service-specific endpoint or instance metadata of the user's."""
+        base = dict(os.environ if environ is None else environ)
+        return {**{name: value for name, value in base.items() if not name.startswith("AWS_")},
+                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "AWS_EC2_METADATA_DISABLED": "true"}
+
     @property
     def pid(self) -> int:
         """The nginx process (one: no master, one worker), whose CPU the loader bench reports."""

@@ -320,8 +320,7 @@ def s3_reads(root: Path, work: Path, count: int) -> dict[str, float]:
     keys = sorted(path.name for path in (root / "Annotations").iterdir())[:count]
     uris = "\n".join(f"s3://bench/Annotations/{name}" for name in keys)
     with StaticS3(work / "s3root") as server:
-        env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint_url, "AWS_ACCESS_KEY_ID": "bench",
-               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+        env = server.client_env()
         ms = {}
         for name, script in (("baseline", _READS_BASELINE), ("ours", _READS_OURS)):
             done = subprocess.run([sys.executable, "-c", script], input=uris, env=env, cwd=REPO, text=True,

@@ -128,9 +128,7 @@ class S3Rows:
         self.repeat = 0
 
     def __enter__(self) -> S3Rows:
-        self.saved = {name: os.environ.get(name) for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                                              "AWS_SECRET_ACCESS_KEY", "AWS_REGION")}
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+        self.saved = {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
         for server in self.servers.values():
             server.__enter__()
         return self
@@ -138,17 +136,20 @@ class S3Rows:
     def __exit__(self, *exc: object) -> None:
         for server in self.servers.values():
             server.__exit__()
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        self._aws_env(self.saved)
+
+    @staticmethod
+    def _aws_env(values: dict[str, str]) -> None:
+        """Make ``values`` this process's only AWS variables (the loader's workers inherit them)."""
+        for name in [name for name in os.environ if name.startswith("AWS_")]:
+            del os.environ[name]
+        os.environ.update(values)
 
     def measure(self) -> dict[str, Measure]:
         rows: dict[str, Measure] = {}
         self.repeat += 1
         for latency, server in self.servers.items():
-            os.environ["AWS_ENDPOINT_URL"] = server.endpoint_url
+            self._aws_env({name: value for name, value in server.client_env().items() if name.startswith("AWS_")})
             label = f"ours, S3 (nginx) +{latency:g} ms/request"
             rows[label] = ours("s3://bench/train.json", "s3://bench/images", self.args, server_pid=server.pid)
             if latency:

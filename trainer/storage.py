@@ -91,6 +91,15 @@ class PreconditionFailed(StorageError):
     """A conditional write lost its race: the object already exists (create) or changed meanwhile (replace)."""
 
 
+class TooLarge(StorageError):
+    """The file or object is larger than the read allows (a bound a caller sets on untrusted input)."""
+
+    def __init__(self, uri: str, size: int, limit: int) -> None:
+        super().__init__(uri, f"{size} bytes, more than the {limit} this read allows")
+        self.size = size
+        self.limit = limit
+
+
 # ------------------------------------------------------------------------------------------------ URIs
 @dataclass(frozen=True)
 class S3Location:
@@ -540,30 +549,45 @@ def open_read(uri: str | os.PathLike[str], buffer_size: int = 1 << 20) -> IO[byt
         return open(loc, "rb")  # the caller owns the stream
 
 
-def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None) -> bytes:
+def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None, max_bytes: int | None = None) -> bytes:
     """The whole content of a file or object.
 
     ``size_hint`` (e.g. from a manifest) above the multipart threshold fetches an S3 object as parallel ranged
     GETs pinned to one ETag, about twice as fast as one stream for large checkpoints.
+    ``max_bytes`` refuses anything larger with :class:`TooLarge` before its content is read (the size comes from
+    the file system or from the GET's headers): the bound for untrusted inputs read whole, such as annotation files.
     """
     text = os.fspath(uri)
     loc = parse(text)
     if isinstance(loc, Path):
         with _errors(text):
-            return loc.read_bytes()
+            return loc.read_bytes() if max_bytes is None else _read_local_at_most(loc, text, max_bytes)
     with _errors(text):
-        if size_hint is not None and size_hint > MULTIPART_THRESHOLD:
+        if size_hint is not None and size_hint > MULTIPART_THRESHOLD and max_bytes is None:
             if _fast(loc) is None:
                 buffer = io.BytesIO()
                 s3_client().download_fileobj(loc.bucket, loc.key, buffer, Config=_transfer_config(download=True))
                 return buffer.getvalue()
             return _read_parallel(loc, text)
-        return _read_span(loc, text, 0, None, None)[0]
+        return _read_span(loc, text, 0, None, None, max_bytes)[0]
 
 
-def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str | None) -> tuple[bytes, str, int]:
+def _read_local_at_most(path: Path, uri: str, max_bytes: int) -> bytes:
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        if size > max_bytes:
+            raise TooLarge(uri, size, max_bytes)
+        data = stream.read(max_bytes + 1)  # a file that grew since, or one whose size says nothing (a device)
+        if len(data) > max_bytes:
+            raise TooLarge(uri, max(size, len(data)), max_bytes)
+        return data
+
+
+def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str | None,
+               max_bytes: int | None = None) -> tuple[bytes, str, int]:
     """Bytes ``start``..``end`` (exclusive; None: to the end), the ETag and the object's size; a body cut
-    mid-stream resumes where it stopped, pinned to the first response's ETag."""
+    mid-stream resumes where it stopped, pinned to the first response's ETag. With ``max_bytes``, a longer
+    span is refused (:class:`TooLarge`) as soon as the first response's headers give its length."""
     parts: list[bytes] = []
     received = 0
     total: int | None = None
@@ -578,6 +602,8 @@ def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str
             size = _object_size(response, total)
         body = response["Body"]
         try:
+            if max_bytes is not None and total > max_bytes:
+                raise TooLarge(uri, size, max_bytes)
             while chunk := body.read(1 << 20):
                 parts.append(chunk)
                 received += len(chunk)

@@ -497,6 +497,30 @@ def test_a_one_process_conversion_from_s3_reads_a_chunk_at_a_time_with_the_colle
     assert chunks == [50, 50, 20] and reads == [True] * 121 and gc.isenabled()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_annotation_file_over_the_limit_is_refused_unread(tmp_path: Path, workers: int) -> None:
+    """An annotation file over MAX_ANNOTATION_BYTES (64 MB) is a file_too_large error, known from its size alone:
+    a 1 GB file is never read into memory (each of a worker's fetch threads would hold its file whole), and the
+    other files convert."""
+    root = make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)])}, ["a.jpg", "big.jpg"])
+    with open(root / "Annotations" / "big.xml", "wb") as sparse:
+        sparse.truncate(1 << 30)  # a sparse file: no disk used
+    report = tmp_path / "report.json"
+    script = ("import resource\nfrom trainer.cli import main\n"
+              f"code = main(['convert', '--voc-root', {str(root)!r}, '--out', {str(tmp_path / 'out')!r}, "
+              f"'--workers', '{workers}', '--report', {str(report)!r}])\n"
+              "peak = max(resource.getrusage(who).ru_maxrss for who in "
+              "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+              "print('exit', code, 'peak MB', peak // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    code, peak_mb = result.stdout.split()[1], int(result.stdout.split()[-1])
+    assert code == "1" and peak_mb < 400, result.stdout + result.stderr
+    problems = json.loads(report.read_text())["problems"]
+    assert problems["file_too_large"]["items"] == [
+        {"file": "big.xml", "detail": f"{1 << 30} bytes: larger than any annotation file (67108864 at most); not read"}]
+    assert load(tmp_path / "out" / "all.json")["annotations"][0]["bbox"] == [1, 1, 4, 4]
+
+
 def test_a_local_conversion_never_loads_boto3(tmp_path: Path) -> None:
     """boto3 is 0.3 s of imports, a tenth of a 20,000-file conversion (issue 16): it loads with the first S3 client,
     so a command that only touches local files starts without it."""

@@ -57,6 +57,28 @@ def test_both_clients_read_the_same_bytes_and_raise_the_same_errors(s3: S3Env,
 
 @pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
 @pytest.mark.parametrize("client", ["obstore", "boto3"])
+def test_a_bounded_read_refuses_a_larger_file_or_object_by_its_size(s3: S3Env, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     client: str) -> None:
+    """read_bytes(max_bytes=N), the bound on untrusted inputs read whole: a file or object over N is refused with
+    TooLarge naming its size (from the file system or the GET's headers, before the body is read); one of N bytes
+    reads whole, through either client."""
+    monkeypatch.setenv("TRAINER_S3_CLIENT", client)
+    data = os.urandom(3 * MB + 7)
+    storage.write_bytes(s3.uri("x.bin"), data)
+    (tmp_path / "x.bin").write_bytes(data)
+    before = s3_fast.requests
+    for uri in (s3.uri("x.bin"), str(tmp_path / "x.bin")):
+        assert storage.read_bytes(uri, max_bytes=len(data)) == data
+        with pytest.raises(storage.TooLarge) as info:
+            storage.read_bytes(uri, max_bytes=len(data) - 1)
+        assert (info.value.size, info.value.limit) == (len(data), len(data) - 1)
+        assert str(info.value) == f"{uri}: {len(data)} bytes, more than the {len(data) - 1} this read allows"
+    assert (s3_fast.requests > before) == (client == "obstore")
+
+
+@pytest.mark.skipif(s3_fast.obstore is None, reason="obstore is not installed")
+@pytest.mark.parametrize("client", ["obstore", "boto3"])
 def test_an_object_replaced_during_a_read_is_an_error_not_a_mix(s3: S3Env, monkeypatch: pytest.MonkeyPatch,
                                                                 client: str) -> None:
     monkeypatch.setenv("TRAINER_S3_CLIENT", client)

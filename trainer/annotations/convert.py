@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 DifficultMode = Literal["keep", "crowd", "drop"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 _FETCH_THREADS = 16
+# The largest annotation file read. 5,000 objects take about 1.5 MB; a larger file is refused before it is read
+# (file_too_large), where it would otherwise be held whole in memory, in each of a worker's fetch threads.
+MAX_ANNOTATION_BYTES = 64 * 1024 * 1024
 _CHUNK_FILES = 500  # files parsed per task: their bytes are held together while a worker (or this process) parses
 
 # Every kind of problem the converter reports, with its severity:
@@ -52,7 +55,7 @@ _CHUNK_FILES = 500  # files parsed per task: their bytes are held together while
 SEVERITY: dict[str, str] = {
     "empty_file": "error", "malformed_xml": "error", "unsafe_xml": "error", "bad_encoding": "error",
     "not_voc": "error", "unreadable": "error", "no_size": "error", "duplicate_image": "error",
-    "unsafe_filename": "error",
+    "unsafe_filename": "error", "file_too_large": "error",
     "missing_image": "warning", "missing_annotation": "warning", "filename_mismatch": "warning",
     "filename_missing_extension": "warning", "filename_has_directory": "warning", "size_from_image": "warning",
     "degenerate_box": "warning", "clipped_box": "warning", "outside_image": "warning", "bad_coordinate": "warning",
@@ -136,6 +139,9 @@ class Parsed:
 
 
 def _parse_one(name: str, data: bytes | storage.StorageError, rules: BoxRules) -> Parsed:
+    if isinstance(data, storage.TooLarge):
+        return Parsed(name, error=("file_too_large", f"{data.size} bytes: larger than any annotation file "
+                                                     f"({data.limit} at most); not read"))
     if isinstance(data, storage.StorageError):
         return Parsed(name, error=("unreadable", data.cause))
     plain = parse_plain_columns(data)  # most files: no XML parser, no per-object Python (see voc.py)
@@ -159,7 +165,7 @@ def _parse_one(name: str, data: bytes | storage.StorageError, rules: BoxRules) -
 
 def _read(uri: str) -> bytes | storage.StorageError:
     try:
-        return storage.read_bytes(uri)
+        return storage.read_bytes(uri, max_bytes=MAX_ANNOTATION_BYTES)
     except storage.StorageError as exc:
         return exc
 
@@ -173,11 +179,8 @@ def _read_local(path: str) -> bytes | storage.StorageError:
         return _read(path)
     try:
         data = os.read(fd, 65536)
-        if len(data) == 65536:
-            parts = [data]
-            while chunk := os.read(fd, 1 << 20):
-                parts.append(chunk)
-            data = b"".join(parts)
+        if len(data) == 65536:  # a long file: the storage layer reads it, within MAX_ANNOTATION_BYTES
+            return _read(path)
         return data
     except OSError:  # e.g. a directory named like an XML file
         return _read(path)

@@ -48,7 +48,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, _fa
 from torchvision.ops import box_iou
 
 from trainer import storage
+from trainer.annotations.image_size import image_bytes_limit
 from trainer.checkpoint import resolve
+from trainer.config import DEFAULT_MAX_PIXELS
 from trainer.errors import InputError, first_line
 from trainer.inference import Detector, decode, list_images, load_detector
 from trainer.models import REGISTRY
@@ -305,7 +307,8 @@ def sample_images(pattern: str | None, first_size: tuple[int, int]) -> list[torc
     uris = list_images(pattern)
     if len(uris) > CHECK_IMAGES_MAX:
         log.info("--check-images: using the first %d of %d images", CHECK_IMAGES_MAX, len(uris))
-    return [decode(storage.read_bytes(uri), uri) for uri in uris[:CHECK_IMAGES_MAX]]
+    limit = image_bytes_limit(DEFAULT_MAX_PIXELS)  # decode()'s own pixel limit
+    return [decode(storage.read_bytes(uri, max_bytes=limit), uri) for uri in uris[:CHECK_IMAGES_MAX]]
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer import storage
-from trainer.annotations.image_size import pixel_problem
+from trainer.annotations.image_size import image_bytes_limit, pixel_problem
 from trainer.config import DEFAULT_MAX_PIXELS, Config, ModelConfig, SplitConfig, parse_section
 from trainer.data.coco_index import CocoIndex, load_coco_index
 from trainer.data.dataset import CocoDetection
@@ -193,7 +193,8 @@ def predict_images(detector: Detector, uris: Sequence[str], batch_size: int = 4,
         batch: list[tuple[str, torch.Tensor]] = []
         for uri in uris[start:start + batch_size]:
             try:
-                batch.append((uri, decode(storage.read_bytes(uri), uri, max_pixels)))
+                data = storage.read_bytes(uri, max_bytes=image_bytes_limit(max_pixels))
+                batch.append((uri, decode(data, uri, max_pixels)))
             except (InputError, storage.StorageError) as exc:
                 log.warning("skipped: %s", exc)
                 if skipped is not None:

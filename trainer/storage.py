@@ -573,14 +573,20 @@ def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None, max_by
 
 
 def _read_local_at_most(path: Path, uri: str, max_bytes: int) -> bytes:
+    """A local file whole, refused when its size, or what it turns out to hold (a file still growing, a device
+    that reports no size), passes ``max_bytes``."""
     with open(path, "rb") as stream:
         size = os.fstat(stream.fileno()).st_size
         if size > max_bytes:
             raise TooLarge(uri, size, max_bytes)
-        data = stream.read(max_bytes + 1)  # a file that grew since, or one whose size says nothing (a device)
-        if len(data) > max_bytes:
-            raise TooLarge(uri, max(size, len(data)), max_bytes)
-        return data
+        data = stream.read(size) if size else b""
+        parts, received = [data], len(data)
+        while chunk := stream.read(min(1 << 16, max_bytes + 1 - received)):  # more than its size said
+            parts.append(chunk)
+            received += len(chunk)
+            if received > max_bytes:
+                raise TooLarge(uri, received, max_bytes)
+        return data if len(parts) == 1 else b"".join(parts)
 
 
 def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str | None,
@@ -635,9 +641,9 @@ def _read_parallel(loc: S3Location, uri: str) -> bytes:
     return data
 
 
-def read_text(uri: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+def read_text(uri: str | os.PathLike[str], encoding: str = "utf-8", max_bytes: int | None = None) -> str:
     text = os.fspath(uri)
-    data = read_bytes(text)
+    data = read_bytes(text, max_bytes=max_bytes)
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:

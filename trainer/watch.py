@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import yaml
 
 from trainer import storage
+from trainer.checkpoint.layout import MAX_POINTER_BYTES
 from trainer.exit_codes import DESCRIPTIONS
 from trainer.kube import Kube, KubeError
 from trainer.progress import (
@@ -308,7 +309,7 @@ def _checkpoint_from_s3(kube: Kube, namespace: str, pods: list[Any], now: dateti
             return None
         latest = storage.join(run_uri, "checkpoints", "latest.json")
         try:
-            record = json.loads(storage.read_text(latest))
+            record = json.loads(storage.read_text(latest, max_bytes=MAX_POINTER_BYTES))
             when = storage.stat(latest).mtime
         except (storage.StorageError, ValueError) as exc:
             log.debug("latest.json not readable: %s", exc)

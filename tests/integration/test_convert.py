@@ -502,23 +502,43 @@ def test_an_annotation_file_over_the_limit_is_refused_unread(tmp_path: Path, wor
     """An annotation file over MAX_ANNOTATION_BYTES (64 MB) is a file_too_large error, known from its size alone:
     a 1 GB file is never read into memory (each of a worker's fetch threads would hold its file whole), and the
     other files convert."""
-    root = make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)])}, ["a.jpg", "big.jpg"])
+    names = [f"{i:02d}" for i in range(70)]  # enough for the workers to parse them (64 or more)
+    root = make_voc(tmp_path / "voc", {f"{n}.xml": voc_xml(f"{n}.jpg", [("c", 1, 1, 5, 5)]) for n in names},
+                    [f"{n}.jpg" for n in [*names, "big"]])
     with open(root / "Annotations" / "big.xml", "wb") as sparse:
         sparse.truncate(1 << 30)  # a sparse file: no disk used
     report = tmp_path / "report.json"
+    # The peak of this process is its VmHWM: ru_maxrss would include the pytest process it was forked from.
     script = ("import resource\nfrom trainer.cli import main\n"
               f"code = main(['convert', '--voc-root', {str(root)!r}, '--out', {str(tmp_path / 'out')!r}, "
               f"'--workers', '{workers}', '--report', {str(report)!r}])\n"
-              "peak = max(resource.getrusage(who).ru_maxrss for who in "
-              "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
-              "print('exit', code, 'peak MB', peak // 1024)\n")
+              "own = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+              "workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
+              "print('exit', code, 'peak MB', max(own, workers) // 1024)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
     code, peak_mb = result.stdout.split()[1], int(result.stdout.split()[-1])
     assert code == "1" and peak_mb < 400, result.stdout + result.stderr
     problems = json.loads(report.read_text())["problems"]
     assert problems["file_too_large"]["items"] == [
         {"file": "big.xml", "detail": f"{1 << 30} bytes: larger than any annotation file (67108864 at most); not read"}]
-    assert load(tmp_path / "out" / "all.json")["annotations"][0]["bbox"] == [1, 1, 4, 4]
+    assert len(load(tmp_path / "out" / "all.json")["annotations"]) == 70
+
+
+def test_a_split_or_labels_file_over_its_limit_is_one_line_error_unread(tmp_path: Path) -> None:
+    """A split file over 256 MB or a labels file over 16 MB is refused from its size, in one line naming it."""
+    root = make_voc(tmp_path / "voc", {"a.xml": voc_xml("a.jpg", [("c", 1, 1, 5, 5)])}, ["a.jpg"],
+                    splits={"train": ["a"]})
+    split = root / "ImageSets" / "Main" / "train.txt"
+    os.truncate(split, convert_module.MAX_SPLIT_BYTES + 1)  # sparse
+    result = cli("--voc-root", str(root), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{split}: {convert_module.MAX_SPLIT_BYTES + 1} bytes, more than the" in result.stderr
+    labels = tmp_path / "labels.txt"
+    labels.write_text("c\n")
+    os.truncate(labels, convert_module.MAX_LABELS_BYTES + 1)
+    result = cli("--voc-root", str(root), "--out", str(tmp_path / "out"), "--all", "--labels", str(labels))
+    assert result.returncode == 1 and f"{labels}: {convert_module.MAX_LABELS_BYTES + 1} bytes" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_local_conversion_never_loads_boto3(tmp_path: Path) -> None:

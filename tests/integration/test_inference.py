@@ -14,7 +14,8 @@ from PIL import Image
 from tests.conftest import S3Env
 from tests.support.images import bomb_png
 from trainer import cli, storage
-from trainer.config import ModelConfig
+from trainer.annotations.image_size import image_bytes_limit
+from trainer.config import DEFAULT_MAX_PIXELS, ModelConfig
 from trainer.data.coco_index import load_coco_index
 from trainer.errors import InputError
 from trainer.inference import list_images, load_detector, write_predictions
@@ -144,19 +145,21 @@ def test_eval_refuses_a_split_that_is_not_configured(tmp_path: Path, weights: Pa
 
 
 # ------------------------------------------------------------------ hostile and broken input (issue 14)
-def test_predict_skips_a_decompression_bomb_unread_and_keeps_the_others(shapes: Path, weights: Path,
-                                                                        tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_skips_a_decompression_bomb_and_a_huge_file_unread_and_keeps_the_others(
+        shapes: Path, weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     good = sorted((shapes / "images").iterdir())[:3]
     for path in good:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "shape_00001_bomb.png").write_bytes(bomb_png(30000, 30000))
+    with open(folder / "shape_00002_huge.png", "wb") as sparse:  # larger than any image within --max-pixels
+        sparse.truncate(image_bytes_limit(DEFAULT_MAX_PIXELS) + 1)
     assert cli.main(["predict", "--weights", str(weights), "--images", str(folder), "--out", str(tmp_path / "out"),
                      "--score-thr", "0", "--no-pictures"]) == 0
     err = capsys.readouterr().err
     assert "shape_00001_bomb.png: the header declares 900000000 pixels, over the limit of 89478485" in err
+    assert f"shape_00002_huge.png: {image_bytes_limit(DEFAULT_MAX_PIXELS) + 1} bytes, more than the" in err
     records = json.loads((tmp_path / "out/detections.json").read_text())
     assert {r["file_name"] for r in records} == {str(folder / p.name) for p in good}
 

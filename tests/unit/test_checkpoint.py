@@ -25,6 +25,7 @@ from trainer.checkpoint import (
     resolve,
     step_dir_name,
 )
+from trainer.checkpoint.layout import MAX_MANIFEST_BYTES, MAX_POINTER_BYTES
 
 
 def snapshot(step: int, metric: float | None = None) -> Snapshot:
@@ -64,6 +65,17 @@ def test_a_corrupt_payload_byte_falls_back_to_the_previous_checkpoint(tmp_path: 
     found = find_resumable(str(tmp_path / "checkpoints"))
     assert found is not None and found.step == 5
     assert "size or sha256 differs from the manifest" in caplog.text
+
+
+def test_a_latest_pointer_too_large_to_read_is_ignored_unread(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """A latest.json over MAX_POINTER_BYTES (a pointer is a few bytes) is refused from its size: the newest valid
+    checkpoint is found instead, as for a pointer that is not JSON."""
+    committed(tmp_path, [5, 10])
+    os.truncate(tmp_path / "checkpoints" / LATEST, MAX_POINTER_BYTES + 1)  # sparse
+    assert read_latest(str(tmp_path / "checkpoints")) is None
+    assert f"is {MAX_POINTER_BYTES + 1} bytes, not a pointer (at most {MAX_POINTER_BYTES})" in caplog.text
+    assert find_resumable(str(tmp_path / "checkpoints")).step == 10  # type: ignore[union-attr]
 
 
 def test_an_upload_killed_before_the_manifest_is_not_used(tmp_path: Path) -> None:
@@ -193,6 +205,7 @@ DAMAGE = {
     "manifest sha256 missing": lambda f: _edit_manifest(f, lambda m: m["files"]["state.json"].pop("sha256")),
     "manifest files a list": lambda f: _edit_manifest(f, lambda m: m.update(files=["model.pt"])),
     "manifest not an object": lambda f: (f / "manifest.json").write_text("[1, 2]"),
+    "manifest too large to read": lambda f: os.truncate(f / "manifest.json", MAX_MANIFEST_BYTES + 1),  # sparse
     "state.json undecodable": lambda f: _rewrite(f, "state.json", b"\xff\xfe{"),
     "state.json not an object": lambda f: _rewrite(f, "state.json", b"[1, 2, 3]"),
     "state.json invalid JSON": lambda f: _rewrite(f, "state.json", b'{"step": '),

@@ -14,6 +14,8 @@ from torchvision import tv_tensors
 
 from tests.conftest import REPO
 from tests.support.images import RECT_COLOR, bomb_png, image_with_rectangles, simple_dataset, write_coco
+from trainer.annotations.image_size import image_bytes_limit
+from trainer.config import DEFAULT_MAX_PIXELS
 from trainer.data.coco_index import DataError, load_coco_index
 from trainer.data.dataset import CocoDetection
 from trainer.data.transforms import PRESETS, build_transforms
@@ -212,6 +214,31 @@ def test_an_image_over_max_pixels_is_skipped_from_its_header_unread(tmp_path: Pa
     assert CocoDetection(load_coco_index(str(coco)), str(images)).max_pixels == 89_478_485  # Pillow's limit
     with pytest.raises(DataError, match="over the limit"):
         CocoDetection(load_coco_index(str(coco)), str(images), max_pixels=2_000_000, strict=True)[1]
+
+
+def test_an_image_file_larger_than_any_allowed_image_is_skipped_unread(tmp_path: Path) -> None:
+    """A file too large to hold an image within max_pixels (image_bytes_limit: 8 bytes a pixel plus 64 MB, about
+    780 MB by default) is skipped from its size: the process never holds its bytes (here a sparse file of that
+    size: the peak memory of a process that reads it through the dataset stays far below it)."""
+    coco, images = simple_dataset(tmp_path, count=3)
+    with open(images / "img_001.png", "r+b") as sparse:
+        sparse.truncate(image_bytes_limit(DEFAULT_MAX_PIXELS) + 1)
+    # VmHWM, this process's own peak (ru_maxrss would include the pytest process it was forked from), before and
+    # after the reads: torch's libraries alone take 700 MB here.
+    script = ("from trainer.data.coco_index import load_coco_index\n"
+              "from trainer.data.dataset import CocoDetection\n"
+              "def peak():\n"
+              "    status = open('/proc/self/status').read().splitlines()\n"
+              "    return next(int(line.split()[1]) for line in status if line.startswith('VmHWM'))\n"
+              f"ds = CocoDetection(load_coco_index({str(coco)!r}), {str(images)!r})\n"
+              "before = peak()\n"
+              "samples = ds.__getitems__([0, 1, 2])\n"
+              "print(*[s[2].uri.rsplit('/', 1)[1] for s in samples], len(samples[1][2].skipped),\n"
+              "      (peak() - before) // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
+    *names, skipped, grown_mb = result.stdout.split()
+    assert names == ["img_000.png", "img_002.png", "img_002.png"] and skipped == "1", result.stdout + result.stderr
+    assert int(grown_mb) < 100 and "this read allows" in result.stderr
 
 
 def test_a_worker_error_reaches_the_main_process_as_one_line(tmp_path: Path) -> None:

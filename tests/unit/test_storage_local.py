@@ -86,3 +86,13 @@ def test_open_read_is_seekable_locally(tmp_path: Path) -> None:
     with storage.open_read(tmp_path / "r.bin") as stream:
         stream.seek(5000)
         assert stream.read(10) == data[5000:5010]
+
+
+def test_a_bounded_read_of_a_file_without_a_size_stops_past_the_bound(tmp_path: Path) -> None:
+    """read_bytes(max_bytes=N) of something whose size says nothing (a device, a file still growing) reads at
+    most N + 1 bytes before refusing it; an empty file reads as empty."""
+    with pytest.raises(storage.TooLarge) as info:
+        storage.read_bytes("/dev/zero", max_bytes=100_000)
+    assert (info.value.size, info.value.limit) == (100_001, 100_000)
+    (tmp_path / "empty").write_bytes(b"")
+    assert storage.read_bytes(tmp_path / "empty", max_bytes=0) == b""

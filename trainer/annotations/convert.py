@@ -46,6 +46,8 @@ _FETCH_THREADS = 16
 # The largest annotation file read. 5,000 objects take about 1.5 MB; a larger file is refused before it is read
 # (file_too_large), where it would otherwise be held whole in memory, in each of a worker's fetch threads.
 MAX_ANNOTATION_BYTES = 64 * 1024 * 1024
+MAX_LABELS_BYTES = 16 << 20  # --labels: one class name a line
+MAX_SPLIT_BYTES = 256 << 20  # ImageSets/Main/<split>.txt: 20 million ids
 _CHUNK_FILES = 500  # files parsed per task: their bytes are held together while a worker (or this process) parses
 
 # Every kind of problem the converter reports, with its severity:
@@ -499,7 +501,7 @@ def _list_local_names(path: str) -> dict[str, str] | None:
 
 def read_labels(uri: str) -> list[str]:
     names: list[str] = []
-    for number, line in enumerate(storage.read_text(uri).splitlines(), start=1):
+    for number, line in enumerate(storage.read_text(uri, max_bytes=MAX_LABELS_BYTES).splitlines(), start=1):
         name = normalise_name(line.split("#", 1)[0])
         if not name:
             continue
@@ -522,7 +524,7 @@ def read_splits(sets_dir: str, wanted: list[str] | None) -> dict[str, list[str]]
         if name not in files:
             raise ConvertError(f"{storage.join(sets_dir, name + '.txt')}: no such split file "
                                f"(present: {', '.join(sorted(files)) or 'none'})")
-        rows = [line.split() for line in storage.read_text(files[name]).splitlines()]
+        rows = [line.split() for line in storage.read_text(files[name], max_bytes=MAX_SPLIT_BYTES).splitlines()]
         rows = [row for row in rows if row]
         if wanted is None and any(len(row) != 1 for row in rows):
             continue  # e.g. aeroplane_train.txt: "<id> 1/-1" per line

@@ -18,6 +18,13 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 PILLOW_HARD_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)  # Image.open refuses larger headers itself
 
 
+def image_bytes_limit(max_pixels: int) -> int:
+    """The largest image file read whole for a ``max_pixels`` limit: 8 bytes a pixel (16-bit RGBA, uncompressed)
+    plus 64 MB of metadata. No plausible image within the limit is larger, and reading a larger file whole (one
+    of several GB, in each of a loader worker's fetch threads) would exhaust memory before its header was checked."""
+    return 8 * max_pixels + (64 << 20)
+
+
 def header_size(stream: IO[bytes]) -> tuple[int, int] | None:
     """(width, height) as stored in the file (before any EXIF rotation), or None if it is not an image."""
     try:

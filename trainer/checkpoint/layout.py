@@ -17,6 +17,10 @@ FORMAT = "detection-trainer/checkpoint-1"
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step-(\d{9})")
+# A manifest lists a checkpoint's few files and a pointer names one folder: a few KB. Larger ones are refused from
+# their size, unread (a damaged or planted file must not take a resuming job's memory).
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_POINTER_BYTES = 1 << 20
 
 
 class CheckpointError(InputError):

@@ -25,6 +25,8 @@ from trainer.checkpoint.layout import (
     FORMAT,
     LATEST,
     MANIFEST,
+    MAX_MANIFEST_BYTES,
+    MAX_POINTER_BYTES,
     STEP_DIR,
     CheckpointCheck,
     CheckpointError,
@@ -79,9 +81,11 @@ def read_manifest(folder: str) -> dict[str, Any]:
     KeyError or TypeError later."""
     uri = storage.join(folder, MANIFEST)
     try:
-        manifest = json.loads(storage.read_bytes(uri))
+        manifest = json.loads(storage.read_bytes(uri, max_bytes=MAX_MANIFEST_BYTES))
     except storage.NotFound as exc:
         raise CheckpointError(f"{folder}: no {MANIFEST} (an upload that never completed)") from exc
+    except storage.TooLarge as exc:
+        raise CheckpointError(f"{uri}: {exc.size} bytes, not a manifest (at most {exc.limit}); not read") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{uri}: not valid JSON ({exc})") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -223,8 +227,12 @@ def read_latest(root: str) -> str | None:
     beside it: a tampered pointer cannot send the run elsewhere."""
     uri = storage.join(root, LATEST)
     try:
-        pointer = json.loads(storage.read_bytes(uri))
+        pointer = json.loads(storage.read_bytes(uri, max_bytes=MAX_POINTER_BYTES))
     except storage.NotFound:
+        return None
+    except storage.TooLarge as exc:
+        log.error("%s is %d bytes, not a pointer (at most %d); looking for the newest valid checkpoint instead",
+                  uri, exc.size, exc.limit)
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         log.error("%s is not valid JSON (%s); looking for the newest valid checkpoint instead", uri, exc)

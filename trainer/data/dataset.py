@@ -5,8 +5,9 @@ with the index because DataLoader workers never see ``set_epoch`` calls made in 
 augmentation of a sample is seeded from (seed, epoch, index) alone. ``__getitems__`` fetches a whole batch's
 objects concurrently, so per-request latency of an object store is hidden behind the decode of the others.
 
-A missing, truncated or undecodable image, or one whose header declares more than ``max_pixels`` pixels (checked
-before decoding: a 1 MB PNG can claim 30000 x 30000), never stops a run: the next sample takes its place (so batch
+A missing, truncated or undecodable image, one whose header declares more than ``max_pixels`` pixels (checked
+before decoding: a 1 MB PNG can claim 30000 x 30000), or a file too large to hold such an image (refused from its
+size, unread: ``image_bytes_limit``), never stops a run: the next sample takes its place (so batch
 counts stay equal on every rank), it is counted in the batch's metadata and named in one warning; with
 ``strict=True`` it is an error naming the object instead. A bucket that does not exist or refuses access is
 reported as such when the dataset is built, not as a run of unreadable images.
@@ -29,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from trainer import storage
-from trainer.annotations.image_size import pixel_problem
+from trainer.annotations.image_size import image_bytes_limit, pixel_problem
 from trainer.config import DEFAULT_MAX_PIXELS
 from trainer.data.coco_index import CocoIndex, DataError, ImageRecord
 from trainer.data.decode import DecodeError, decode_rgb
@@ -66,13 +67,14 @@ class ObjectSource:
     def __init__(self, cache: Any | None = None) -> None:
         self.cache = cache
 
-    def fetch(self, uri: str) -> tuple[bytes, bool | None]:
+    def fetch(self, uri: str, max_bytes: int | None = None) -> tuple[bytes, bool | None]:
+        """The object's bytes and whether the cache had them; larger than ``max_bytes``: storage.TooLarge."""
         if self.cache is None:
-            return storage.read_bytes(uri), None
+            return storage.read_bytes(uri, max_bytes=max_bytes), None
         data = self.cache.get(uri)
         if data is not None:
             return data, True
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes=max_bytes)
         self.cache.put(uri, data)
         return data, False
 
@@ -148,7 +150,7 @@ class CocoDetection(Dataset[tuple[tv_tensors.Image, dict[str, Any], SampleMeta]]
     def _fetch(self, index: int) -> tuple[bytes | Exception, float, bool | None]:
         started = time.perf_counter()
         try:
-            data, hit = self.source.fetch(self.uri(index))
+            data, hit = self.source.fetch(self.uri(index), image_bytes_limit(self.max_pixels))
         except storage.StorageError as exc:
             return exc, time.perf_counter() - started, None
         return data, time.perf_counter() - started, hit

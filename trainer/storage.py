@@ -563,12 +563,14 @@ def read_bytes(uri: str | os.PathLike[str], size_hint: int | None = None, max_by
         with _errors(text):
             return loc.read_bytes() if max_bytes is None else _read_local_at_most(loc, text, max_bytes)
     with _errors(text):
-        if size_hint is not None and size_hint > MULTIPART_THRESHOLD and max_bytes is None:
+        if size_hint is not None and size_hint > MULTIPART_THRESHOLD:
             if _fast(loc) is None:
+                if max_bytes is not None and (size := stat(text).size) > max_bytes:
+                    raise TooLarge(text, size, max_bytes)
                 buffer = io.BytesIO()
                 s3_client().download_fileobj(loc.bucket, loc.key, buffer, Config=_transfer_config(download=True))
                 return buffer.getvalue()
-            return _read_parallel(loc, text)
+            return _read_parallel(loc, text, max_bytes)
         return _read_span(loc, text, 0, None, None, max_bytes)[0]
 
 
@@ -629,9 +631,12 @@ def _object_size(response: dict[str, Any], fallback: int) -> int:
     return int(str(content_range).rpartition("/")[2]) if content_range else fallback
 
 
-def _read_parallel(loc: S3Location, uri: str) -> bytes:
-    """A large object as 16 MB ranged GETs, 10 at a time, all pinned to the ETag of the first one."""
+def _read_parallel(loc: S3Location, uri: str, max_bytes: int | None = None) -> bytes:
+    """A large object as 16 MB ranged GETs, 10 at a time, all pinned to the ETag of the first one; one over
+    ``max_bytes`` is refused once the first answer gives its size."""
     first, etag, size = _read_span(loc, uri, 0, MULTIPART_CHUNK, None)
+    if max_bytes is not None and size > max_bytes:
+        raise TooLarge(uri, size, max_bytes)
     starts = range(len(first), size, MULTIPART_CHUNK)
     with ThreadPoolExecutor(max_workers=10, thread_name_prefix="storage-get") as pool:
         rest = list(pool.map(lambda s: _read_span(loc, uri, s, min(size, s + MULTIPART_CHUNK), etag)[0], starts))

@@ -74,6 +74,11 @@ def test_a_bounded_read_refuses_a_larger_file_or_object_by_its_size(s3: S3Env, t
             storage.read_bytes(uri, max_bytes=len(data) - 1)
         assert (info.value.size, info.value.limit) == (len(data), len(data) - 1)
         assert str(info.value) == f"{uri}: {len(data)} bytes, more than the {len(data) - 1} this read allows"
+    large = os.urandom(storage.MULTIPART_THRESHOLD + 5)  # the ranged (or transfer manager's) path of a size hint
+    storage.write_bytes(s3.uri("large.bin"), large)
+    assert storage.read_bytes(s3.uri("large.bin"), size_hint=len(large), max_bytes=len(large)) == large
+    with pytest.raises(storage.TooLarge, match=f"{len(large)} bytes, more than the {len(large) - 1}"):
+        storage.read_bytes(s3.uri("large.bin"), size_hint=len(large) - 1, max_bytes=len(large) - 1)
     assert (s3_fast.requests > before) == (client == "obstore")
 
 

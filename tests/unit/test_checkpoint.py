@@ -210,6 +210,7 @@ DAMAGE = {
     "state.json not an object": lambda f: _rewrite(f, "state.json", b"[1, 2, 3]"),
     "state.json invalid JSON": lambda f: _rewrite(f, "state.json", b'{"step": '),
     "model.pt refused by torch.load": lambda f: _rewrite(f, "model.pt", pickle.dumps(Boom())),
+    "model.pt larger than its manifest": lambda f: os.truncate(f / "model.pt", 1 << 30),  # sparse; refused unread
 }
 
 

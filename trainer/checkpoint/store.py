@@ -152,9 +152,12 @@ def fetch_verified(folder: str) -> Prefetched:
         name, entry = item
         uri = storage.join(folder, name)
         try:
-            data = storage.read_bytes(uri, size_hint=entry["size"])
+            data = storage.read_bytes(uri, size_hint=entry["size"], max_bytes=entry["size"])
         except storage.NotFound as exc:
             raise CheckpointError(f"{uri}: listed in the manifest but missing") from exc
+        except storage.TooLarge as exc:  # refused unread: a planted object can be any size
+            raise CheckpointError(f"{uri}: {exc.size} bytes, larger than the manifest's {entry['size']} (corrupt or "
+                                  "replaced); not read") from exc
         if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise CheckpointError(f"{uri}: size or sha256 differs from the manifest (corrupt or partial)")
         return data

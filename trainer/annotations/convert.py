@@ -193,12 +193,15 @@ def _read_local(path: str) -> bytes | storage.StorageError:
 def parse_chunk(uris: list[str], rules: BoxRules) -> list[Parsed]:
     """Read and parse a chunk of XML files (in a worker process); S3 objects are fetched by threads."""
     if uris and storage.is_s3(uris[0]):
-        with _collector_running(), ThreadPoolExecutor(_FETCH_THREADS) as pool:
-            contents: Iterable[bytes | storage.StorageError] = list(pool.map(_read, uris))
-    elif all("://" not in uri for uri in uris):
-        contents = map(_read_local, uris)
-    else:
-        contents = map(_read, uris)
+        with ThreadPoolExecutor(_FETCH_THREADS) as pool:
+            fetched = list(pool.map(_read, uris))
+        parsed = [_parse_one(storage.basename(uri), data, rules) for uri, data in zip(uris, fetched, strict=True)]
+        failed = any(isinstance(data, storage.StorageError) for data in fetched)
+        del fetched
+        if failed:
+            _collect_failed_reads()
+        return parsed
+    contents = map(_read_local if all("://" not in uri for uri in uris) else _read, uris)
     return [_parse_one(storage.basename(uri), data, rules) for uri, data in zip(uris, contents, strict=True)]
 
 
@@ -291,18 +294,12 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-@contextlib.contextmanager
-def _collector_running() -> Iterator[None]:
-    """Run the cyclic garbage collector during S3 reads made in this process, one per file, even inside a paused
-    conversion: a failed read (a missing object, access denied) leaves about 25 KB in reference cycles (the
-    clients' exceptions and their tracebacks), which only the collector frees."""
-    was_enabled = gc.isenabled()
-    gc.enable()
-    try:
-        yield
-    finally:
-        if not was_enabled:
-            gc.disable()
+def _collect_failed_reads() -> None:
+    """Free what failed S3 reads left: each (a missing object, access denied) leaves about 25 KB in reference
+    cycles (the clients' exceptions and their tracebacks), which only the collector frees, and a conversion pauses
+    it. Called after a batch of reads that had a failure, so memory stays bounded by one batch's failures.
+    Switching the collector on for the reads instead would race with another conversion's pause in a thread."""
+    gc.collect()
 
 
 # ----------------------------------------------------------------------------------- boxes
@@ -628,9 +625,9 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
     The cyclic garbage collector of this process is paused for the whole conversion (the workers run with theirs):
     the records it builds, one or more per file, hold no reference cycles, yet with 20,000 of them alive each of
     the collector's passes walked them all: pausing it took about a tenth off a 20,000-file conversion, with one
-    worker or two (numbering the annotations alone ran three times as fast). It runs again while this process
-    reads objects one per file (:func:`_collector_running`); the little cyclic garbage the rest leaves (boto3's: a
-    few objects per request) is collected once the conversion returns."""
+    worker or two (numbering the annotations alone ran three times as fast). What failed S3 reads leave is
+    collected after each batch that had one (:func:`_collect_failed_reads`); the little cyclic garbage the rest
+    leaves (boto3's: a few objects per request) is collected once the conversion returns."""
     say = on_progress or (lambda text: log.info("%s", text))
     if options.difficult not in ("keep", "crowd", "drop"):
         raise ConvertError(f"--difficult must be keep, crowd or drop, not {options.difficult!r}")
@@ -843,8 +840,10 @@ def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems
         except storage.StorageError:
             return None
 
-    with _collector_running(), ThreadPoolExecutor(_FETCH_THREADS) as pool:
+    with ThreadPoolExecutor(_FETCH_THREADS) as pool:
         sizes = list(pool.map(probe, need))
+    if None in sizes:
+        _collect_failed_reads()
     for (parsed, image), size in zip(need, sizes, strict=True):
         if size is None:
             problems.add("no_size", parsed.xml, f"<size> is missing or zero and {image!r} has no readable header")

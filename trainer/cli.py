@@ -30,7 +30,7 @@ log = logging.getLogger("trainer.cli")
 PROCESS_WORKERS = max(1, min(8, os.cpu_count() or 1))  # as ConvertOptions.workers
 SYNTH_MAX_SIZE = 4096  # --size: a 4096² RGB image is 50 MB; 100000² would be 30 GB
 SYNTH_MAX_IMAGES = 1_000_000
-REPORT_MAX_BYTES = 256 << 20  # --skip-if-done reads the previous report: one item per problem, a few hundred bytes each
+MAX_REPORT_BYTES = 256 << 20  # --skip-if-done reads the previous report: one item per problem, a few hundred bytes each
 
 
 def _human(size: float) -> str:
@@ -113,7 +113,7 @@ def previous_conversion(report_uri: str, splits: list[str] | None) -> str | None
     report (missing, unreadable, not ok, an output gone) means converting again, never skipping wrongly.
     """
     try:
-        report = json.loads(storage.read_text(report_uri, max_bytes=REPORT_MAX_BYTES))
+        report = json.loads(storage.read_text(report_uri, max_bytes=MAX_REPORT_BYTES))
     except storage.StorageError:  # TooLarge included: a report is a few KB per problem
         return None
     except ValueError as exc:

@@ -510,7 +510,9 @@ def test_a_one_process_conversion_from_s3_reads_a_chunk_at_a_time_and_frees_what
     assert result.images == 120 and len(result.problems["unreadable"]) == 100 and "size_from_image" in result.problems
     assert [files for files, _, _ in chunks] == [50, 50, 50, 50, 20] and gc.isenabled()
     assert not any(on for _, on, _ in chunks)  # paused while the records pile up
-    assert sum(left for _, _, left in chunks) < 1_000, chunks  # without the collection: about 100 per failed read
+    # The last three chunks hold the 100 failed reads (the first two may hold a client's one-off set-up, which a
+    # process whose reads just moved to the fast client makes there); without the collection: about 10,000.
+    assert sum(left for _, _, left in chunks[2:]) < 1_000, chunks
 
 
 @pytest.mark.parametrize("workers", [1, 2])

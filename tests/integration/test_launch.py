@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -93,10 +94,26 @@ def test_a_node_that_starts_before_the_rendezvous_host_retries_and_joins() -> No
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                                 env={**env, "TRAINER_NODE_INDEX": str(index), "TRAINER_RDZV_RETRY_SECONDS": "60"})
     late_joiner = node(1)
-    time.sleep(6)  # at least one failed attempt to reach the store
+    assert late_joiner.stdout is not None
+    early: list[str] = []
+    refused = threading.Event()
+
+    def watch() -> None:  # the late joiner's output until it has failed once to reach the store
+        for line in late_joiner.stdout:  # type: ignore[union-attr]
+            early.append(line)
+            if "not ready" in line:
+                refused.set()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # A fixed sleep was not enough on a loaded machine: starting Python and torch can take longer than it.
+    assert refused.wait(90), "".join(early)
+    watcher.join(timeout=10)
     host = node(0)
     host_output, _ = host.communicate(timeout=120)
-    output, _ = late_joiner.communicate(timeout=120)
+    rest, _ = late_joiner.communicate(timeout=120)
+    output = "".join(early) + rest
     assert host.returncode == 0, host_output
     assert late_joiner.returncode == 0, output
     assert "not ready" in output and "retrying" in output

@@ -192,17 +192,19 @@ def _read_local(path: str) -> bytes | storage.StorageError:
 
 def parse_chunk(uris: list[str], rules: BoxRules) -> list[Parsed]:
     """Read and parse a chunk of XML files (in a worker process); S3 objects are fetched by threads."""
+    failed = False
+    contents: Iterable[bytes | storage.StorageError]
     if uris and storage.is_s3(uris[0]):
         with ThreadPoolExecutor(_FETCH_THREADS) as pool:
-            fetched = list(pool.map(_read, uris))
-        parsed = [_parse_one(storage.basename(uri), data, rules) for uri, data in zip(uris, fetched, strict=True)]
-        failed = any(isinstance(data, storage.StorageError) for data in fetched)
-        del fetched
-        if failed:
-            _collect_failed_reads()
-        return parsed
-    contents = map(_read_local if all("://" not in uri for uri in uris) else _read, uris)
-    return [_parse_one(storage.basename(uri), data, rules) for uri, data in zip(uris, contents, strict=True)]
+            contents = list(pool.map(_read, uris))
+        failed = any(isinstance(data, storage.StorageError) for data in contents)
+    else:
+        contents = map(_read_local if all("://" not in uri for uri in uris) else _read, uris)
+    parsed = [_parse_one(storage.basename(uri), data, rules) for uri, data in zip(uris, contents, strict=True)]
+    if failed:
+        del contents  # the failed reads' exceptions: garbage from here on
+        _collect_failed_reads()
+    return parsed
 
 
 # A chunk's results on their way from a worker: a file whose boxes are all converted and that has nothing to report

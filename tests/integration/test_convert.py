@@ -27,7 +27,7 @@ from tests.support.voc import SAMPLE_JPEG, gc_state_chunk, make_voc, voc_xml
 from trainer import storage
 from trainer.annotations import convert as convert_module
 from trainer.annotations.convert import BoxRules, ConvertOptions, ConvertResult, convert, convert_boxes, plain_boxes
-from trainer.annotations.voc import VocObject
+from trainer.annotations.voc import PlainObjects, VocObject, parse_plain_columns, parse_voc_tree
 
 
 def run_convert(root: Path | str, out: Path | str, **kwargs: object) -> ConvertResult:
@@ -361,15 +361,56 @@ def test_plain_boxes_write_exactly_what_convert_boxes_writes(monkeypatch: pytest
             if decimals and rng.random() < 0.7:  # written as such, not a sum of two decimal floats
                 x1, y1 = float(f"{x1:.{decimals}f}"), float(f"{y1:.{decimals}f}")
             objects.append(VocObject(rng.choice("ab"), x0, y0, x1, y1, rng.randint(0, 1), rng.randint(0, 1)))
-        columns = tuple(map(list, zip(*objects, strict=True))) if objects else ([],) * 7
+        columns = PlainObjects(*map(list, zip(*objects, strict=True))) if objects else PlainObjects(*([],) * 7)
         for rules in (BoxRules(), BoxRules(True, "keep"), BoxRules(False, "drop")):
-            fast = plain_boxes(columns, width, height, rules)  # type: ignore[arg-type]
+            fast = plain_boxes(columns, width, height, rules)
             problems: list[tuple[str, str]] = []
             exact = convert_boxes(objects, width, height, rules, problems)
             if fast is not None:
                 taken += 1
                 assert (fast, problems) == (exact, []), (objects, rules)
     assert taken > 800 and fixed_point_calls.count(True) > 100
+
+
+def test_coordinates_read_as_integers_from_their_text_give_the_same_boxes_as_float() -> None:
+    """Documents whose coordinates are all written with 0, 1 or 2 decimals ("12", "007", "8.3", "12.50") are read
+    as integers from the text, without float(); the boxes (text and problems) must be those of the XML parser and
+    convert_boxes, with every rule, on small and huge images, inside and outside them. Mixed or longer decimals,
+    spaces and long digit strings take the float path, with the same result."""
+    rng = random.Random(1016)
+    scales: list[int] = []
+
+    def text(value: float, decimals: int) -> str:
+        written = f"{value:.{decimals}f}"
+        return "0" + written if rng.random() < 0.05 else written  # a leading zero reads the same
+
+    for trial in range(1500):
+        decimals = trial % 3
+        width, height = rng.choice([(640, 480), (31_622, 31_622), (40_000, 30_000), (2_000_000, 1_000_000), (9, 7)])
+        objects = []
+        for _ in range(rng.randint(1, 6)):
+            x0, y0 = rng.uniform(-2, width * 0.9), rng.uniform(0, height * 0.9)
+            x1, y1 = x0 + rng.uniform(0, width * 0.3), y0 + rng.uniform(0, height * rng.choice([0.1, 1]))
+            if rng.random() < 0.05:
+                x1 = x0  # degenerate once the texts are read
+            coordinates = [text(abs(v), decimals) for v in (x0, y0, x1, y1)]
+            if rng.random() < 0.03:  # the float path: mixed or longer decimals, a space, many digits
+                coordinates[rng.randrange(4)] = rng.choice(["12.125", "5", "7.5", " 12", "1" * 16, "3.0e1"])
+            objects.append((rng.choice(["a", "b"]), *coordinates, rng.randint(0, 1), rng.randint(0, 1)))
+        data = voc_xml("x.jpg", objects, size=(width, height)).encode()
+        plain = parse_plain_columns(data)
+        assert plain is not None
+        columns = plain[3]
+        scales.append(columns.scale)
+        record = parse_voc_tree(data)
+        assert columns.objects() == record.objects
+        for rules in (BoxRules(), BoxRules(True, "keep"), BoxRules(False, "drop")):
+            problems: list[tuple[str, str]] = []
+            exact = convert_boxes(record.objects, width, height, rules, problems)
+            fast = plain_boxes(columns, width, height, rules)
+            if fast is not None:
+                assert (fast, problems) == (exact, []), (objects, rules)
+    assert min(scales.count(1), scales.count(10), scales.count(100)) > 350 and scales.count(0) > 50, scales
 
 
 def test_fast_paths_change_no_byte_of_the_output_or_the_report(tmp_path: Path,

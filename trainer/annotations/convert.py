@@ -152,7 +152,7 @@ def _parse_one(name: str, data: bytes | storage.StorageError, rules: BoxRules) -
         boxes = plain_boxes(columns, width, height, rules)
         if boxes is not None:
             return Parsed(name, filename, width, height, [], boxes, [])
-        parsed = Parsed(name, filename, width, height, list(map(VocObject, *columns)))
+        parsed = Parsed(name, filename, width, height, columns.objects())
         parsed.finish(rules)  # some box is clipped, dropped or degenerate: the full rules say which and why
         return parsed
     try:
@@ -314,13 +314,15 @@ def plain_boxes(columns: PlainObjects, width: int, height: int, rules: BoxRules)
     """convert_boxes for objects given column by column, when every box is kept as it is (inside the image, not
     degenerate, not dropped): the same text, computed by C loops (map) instead of a Python loop per object.
     None when some box needs convert_boxes (to be clipped, dropped or reported)."""
-    names, x0, y0, x1, y1, difficult, truncated = columns
-    if not names:
+    if not columns.names:
         return []
+    if columns.scale and max(width, height) <= _SCALED_SIDE_LIMIT and (columns.scale == 1 or not rules.voc_offset):
+        return _scaled_boxes(columns, width, height, rules)
+    names, difficult, truncated = columns.names, columns.difficult, columns.truncated
+    x0, y0, x1, y1 = columns.floats()
     if rules.voc_offset:
         x0, y0 = list(map(sub, x0, repeat(1))), list(map(sub, y0, repeat(1)))
-    if (min(x0) < 0 or min(y0) < 0 or max(x1) > width or max(y1) > height or not all(map(lt, x0, x1))
-            or not all(map(lt, y0, y1)) or (rules.difficult == "drop" and any(difficult))):
+    if not _kept_as_written(x0, y0, x1, y1, width, height, difficult, rules):
         return None
     crowd = difficult if rules.difficult == "crowd" else repeat(0)  # (difficult and crowd) for 0/1 flags
     signed_zero = _negative_zero(x0) or _negative_zero(y0)
@@ -339,6 +341,39 @@ def plain_boxes(columns: PlainObjects, width: int, height: int, rules: BoxRules)
     rounded_area = map(round, map(mul, w, h), repeat(6))
     texts = map(_BOX_JSON.__mod__, zip(x0, y0, w, h, rounded_area, crowd, difficult, truncated, strict=False))
     return list(zip(names, map(_integral, texts), strict=True))
+
+
+def _kept_as_written(x0: list[Any], y0: list[Any], x1: list[Any], y1: list[Any], right: int, bottom: int,
+                     difficult: list[int], rules: BoxRules) -> bool:
+    """Whether every box lies inside the image (``right`` x ``bottom``), has an area and is not dropped."""
+    return not (min(x0) < 0 or min(y0) < 0 or max(x1) > right or max(y1) > bottom or not all(map(lt, x0, x1))
+                or not all(map(lt, y0, y1)) or (rules.difficult == "drop" and any(difficult)))
+
+
+# Coordinates read as integers x scale (PlainObjects.scale: every coordinate written with 0, 1 or 2 decimals) give
+# the texts of the integer and fixed-point paths below without float(): the same values, as integers, so the same
+# text. Up to this image side every area (at most side x side) is below _FIXED_AREA_LIMIT and 2**53, where those
+# paths are exact; larger images take the float paths. The VOC offset is subtracted from integers (exactly, as
+# from an integral float); from decimals it goes the float way, whose result is not always the exact decimal
+# (8.3 - 1 is 7.300000000000001).
+_SCALED_SIDE_LIMIT = 31_622
+
+
+def _scaled_boxes(columns: PlainObjects, width: int, height: int, rules: BoxRules) -> list[BoxText] | None:
+    names, x0, y0, x1, y1, difficult, truncated, scale = columns
+    if rules.voc_offset:  # integers only (scale 1)
+        x0, y0 = list(map(sub, x0, repeat(1))), list(map(sub, y0, repeat(1)))
+    if not _kept_as_written(x0, y0, x1, y1, width * scale, height * scale, difficult, rules):
+        return None
+    crowd = difficult if rules.difficult == "crowd" else repeat(0)
+    w, h = list(map(sub, x1, x0)), list(map(sub, y1, y0))
+    area = list(map(mul, w, h))
+    texts: Iterable[str]
+    if scale == 1:
+        texts = map(_INT_BOX_JSON.__mod__, zip(x0, y0, w, h, area, crowd, difficult, truncated, strict=False))
+    else:
+        texts = _fixed_texts(scale, x0, y0, w, h, area, crowd, difficult, truncated)  # type: ignore[arg-type]
+    return list(zip(names, texts, strict=True))
 
 
 # Integers below 2**53 are exact floats: differences and products of such coordinates are the values round()
@@ -374,7 +409,8 @@ def _fraction_texts(digits: int) -> list[str]:
     return [("." + f"{r:0{digits}d}").rstrip("0") if r else "" for r in range(10**digits)]
 
 
-_FIXED_SCALES = ((10, _fraction_texts(1), _fraction_texts(2)), (100, _fraction_texts(2), _fraction_texts(4)))
+_FIXED_SCALES = (10, 100)
+_FRACTION_TEXTS = {10: (_fraction_texts(1), _fraction_texts(2)), 100: (_fraction_texts(2), _fraction_texts(4))}
 
 
 def _scaled(values: list[float], scale: int) -> list[int] | None:
@@ -387,7 +423,7 @@ def _fixed_point_texts(x0: list[float], y0: list[float], x1: list[float], y1: li
                        difficult: list[int], truncated: list[int]) -> list[str] | None:
     """The box texts of the general path, for coordinates that all have at most one (or two) decimals; None
     otherwise."""
-    for scale, fractions, area_fractions in _FIXED_SCALES:
+    for scale in _FIXED_SCALES:
         if ((sx0 := _scaled(x0, scale)) is None or (sy0 := _scaled(y0, scale)) is None
                 or (sx1 := _scaled(x1, scale)) is None or (sy1 := _scaled(y1, scale)) is None):
             continue
@@ -395,11 +431,18 @@ def _fixed_point_texts(x0: list[float], y0: list[float], x1: list[float], y1: li
         area = list(map(mul, sw, sh))
         if max(area) >= _FIXED_AREA_LIMIT * scale * scale:
             return None
-        parts = [*_decimal_parts(sx0, scale, fractions), *_decimal_parts(sy0, scale, fractions),
-                 *_decimal_parts(sw, scale, fractions), *_decimal_parts(sh, scale, fractions),
-                 *_decimal_parts(area, scale * scale, area_fractions)]
-        return list(map(_FIXED_BOX_JSON.__mod__, zip(*parts, crowd, difficult, truncated, strict=False)))
+        return _fixed_texts(scale, sx0, sy0, sw, sh, area, crowd, difficult, truncated)
     return None
+
+
+def _fixed_texts(scale: int, sx0: list[int], sy0: list[int], sw: list[int], sh: list[int], area: list[int],
+                 crowd: Iterable[int], difficult: list[int], truncated: list[int]) -> list[str]:
+    """Box texts from x0, y0, width, height (x scale) and area (x scale**2), all integers."""
+    fractions, area_fractions = _FRACTION_TEXTS[scale]
+    parts = [*_decimal_parts(sx0, scale, fractions), *_decimal_parts(sy0, scale, fractions),
+             *_decimal_parts(sw, scale, fractions), *_decimal_parts(sh, scale, fractions),
+             *_decimal_parts(area, scale * scale, area_fractions)]
+    return list(map(_FIXED_BOX_JSON.__mod__, zip(*parts, crowd, difficult, truncated, strict=False)))
 
 
 def _decimal_parts(scaled: list[int], divisor: int, fractions: list[str]) -> tuple[Iterator[int], Iterator[str]]:

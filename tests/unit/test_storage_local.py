@@ -96,3 +96,35 @@ def test_a_bounded_read_of_a_file_without_a_size_stops_past_the_bound(tmp_path: 
     assert (info.value.size, info.value.limit) == (100_001, 100_000)
     (tmp_path / "empty").write_bytes(b"")
     assert storage.read_bytes(tmp_path / "empty", max_bytes=0) == b""
+
+
+def test_the_s3_client_key_follows_every_change_made_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key that picks the S3 client (endpoint, credentials, profile, retries) reads os.environ's own dict for
+    speed: it must see what os.environ.get sees after each way tests and users change the environment."""
+    from unittest import mock
+
+    def values(key: tuple[object, ...]) -> list[object]:
+        return [os.fsdecode(v) if isinstance(v, bytes) else v for v in key[1:]]
+
+    def as_environ_says() -> list[str | None]:
+        return [os.environ.get(name) for name in storage._CLIENT_ENV]
+
+    seen = [values(storage._client_key())]
+    assert seen[-1] == as_environ_says()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.9:1")
+    monkeypatch.setenv("AWS_PROFILE", "é-profile")
+    seen.append(values(storage._client_key()))
+    assert seen[-1] == as_environ_says() and seen[-1] != seen[0]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # restored after the test, whatever happens below
+    os.environ.update({"AWS_MAX_ATTEMPTS": "3"})
+    os.environ.pop("AWS_PROFILE")
+    seen.append(values(storage._client_key()))
+    assert seen[-1] == as_environ_says() and seen[-1] != seen[1]
+    with mock.patch.dict(os.environ, {"AWS_REGION": "eu-west-3"}, clear=True):
+        assert values(storage._client_key()) == as_environ_says() == [
+            "eu-west-3" if name == "AWS_REGION" else None for name in storage._CLIENT_ENV]
+    assert values(storage._client_key()) == as_environ_says() == seen[-1]
+    del os.environ["AWS_MAX_ATTEMPTS"]
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert values(storage._client_key()) == as_environ_says()
+    assert storage._client_key()[0] == os.getpid()

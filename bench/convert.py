@@ -260,9 +260,9 @@ def parent_phases(root: Path, repeat: int = 7) -> dict[str, float]:
             gathered = (c._unpack(item) for chunk in chunks for item in pickle.loads(chunk))
             kept = c._keep_annotated(gathered, tree, options, problems, rules)
             t = timed("unpickle, unpack, resolve images", t)
-            categories, mapping = c._classes(kept, None, problems)
+            categories, mapping, _ = c._classes(kept, None, problems)
             t = timed("classes", t)
-            entries, _ = c._entries(kept, mapping, problems)
+            entries = c._entries(kept, mapping, problems)
             members = c._split_members(tree, entries, kept, problems)
             t = timed("ids and splits", t)
             for chosen in members.values():

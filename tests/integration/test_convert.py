@@ -138,6 +138,7 @@ def test_labels_file_fixes_ids_and_unknown_classes_are_skipped_or_fatal(tmp_path
     assert [a["category_id"] for a in data["annotations"]] == [1, 2, 2]
     assert kinds(result) == {"unknown_class": 1, "class_case_mismatch": 1}
     assert "yak" in result.problems["unknown_class"][0][1] and result.exit_code == 0
+    assert result.objects_per_class == {"zebra": 1, "ant": 2}  # "Ant" counted as "ant", "yak" skipped
 
     before = (tmp_path / "out/all.json").read_bytes()
     strict = run_convert(tmp_path / "voc", tmp_path / "out", labels=str(tmp_path / "labels.txt"), strict=True)

@@ -688,8 +688,8 @@ def convert(options: ConvertOptions, on_progress: Callable[[str], None] | None =
         parsed = parse_all([xmls[n] for n in names], rules, workers)  # the workers start on them now
         tree = listing.tree(xmls)
         kept = _keep_annotated(parsed, tree, options, problems, rules)
-    categories, mapping = _classes(kept, labels, problems)
-    entries, per_class = _entries(kept, mapping, problems)
+    categories, mapping, per_class = _classes(kept, labels, problems)
+    entries = _entries(kept, mapping, problems)
     members_by_split = _split_members(tree, entries, kept, problems)
     for split, chosen in members_by_split.items():
         result.split_images[split] = len(chosen)
@@ -814,8 +814,9 @@ def _keep_annotated(parsed_list: Iterable[Parsed], tree: _VocTree, options: Conv
 
 
 def _classes(kept: dict[str, tuple[Parsed, str]], labels: list[str] | None,
-             problems: _Problems) -> tuple[list[str], dict[str, str | None]]:
-    """The categories and, for every class name seen, its category (None: not in the labels file)."""
+             problems: _Problems) -> tuple[list[str], dict[str, str | None], Counter[str]]:
+    """The categories; for every class name seen, its category (None: not in the labels file); and the number
+    of objects of each category (the boxes _entries keeps: those of every kept file with a size)."""
     seen: Counter[str] = Counter()
     first_file: dict[str, str] = {}
     for parsed, _ in kept.values():
@@ -823,16 +824,21 @@ def _classes(kept: dict[str, tuple[Parsed, str]], labels: list[str] | None,
         if len(seen) > len(first_file):  # names not seen before
             for name in seen.keys() - first_file.keys():
                 first_file[name] = parsed.xml
-    return _settle_classes(seen, labels, problems, first_file)
+    categories, mapping = _settle_classes(seen, labels, problems, first_file)
+    per_category: Counter[str] = Counter()
+    for name, count in seen.items():
+        category = mapping[name]
+        if category is not None:
+            per_category[category] += count
+    return categories, mapping, per_category
 
 
 def _entries(kept: dict[str, tuple[Parsed, str]], mapping: dict[str, str | None],
-             problems: _Problems) -> tuple[dict[str, ImageEntry], Counter[str]]:
-    """Boxes -> entries with global ids (sorted XML order), so ids are the same in every split; objects per class."""
+             problems: _Problems) -> dict[str, ImageEntry]:
+    """Boxes -> entries with global ids (sorted XML order), so ids are the same in every split."""
     renamed = {name for name, category in mapping.items() if category != name}  # case merges, unknown classes
     entries: dict[str, ImageEntry] = {}
     next_image_id = next_annotation_id = 1
-    per_class: Counter[str] = Counter()
     for stem in sorted(kept):
         parsed, image = kept[stem]
         if parsed.boxes is None or parsed.width is None or parsed.height is None:
@@ -848,13 +854,12 @@ def _entries(kept: dict[str, tuple[Parsed, str]], mapping: dict[str, str | None]
                     problems.add("unknown_class", parsed.xml, f"class {name!r} is not in the labels file; skipped")
                     continue
                 rows.append((category, text))
-        per_class.update(map(_class_name, rows))
         if not rows:
             problems.add("no_objects", parsed.xml, "no usable objects (kept as an image without boxes)")
         entries[stem] = ImageEntry(next_image_id, image, parsed.width, parsed.height, rows, next_annotation_id)
         next_image_id += 1
         next_annotation_id += len(rows)
-    return entries, per_class
+    return entries
 
 
 def _split_members(tree: _VocTree, entries: dict[str, ImageEntry], kept: dict[str, tuple[Parsed, str]],

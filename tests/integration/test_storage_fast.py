@@ -111,7 +111,8 @@ def test_credentials_from_a_profile_reach_the_fast_client(s3: S3Env, tmp_path: P
     before = s3_fast.requests
     assert storage.read_bytes(s3.uri("p.bin")) == b"profile"
     assert s3_fast.requests > before
-    store = next(v for k, v in s3_fast._stores.items() if k[0] == os.getpid() and "reader" in k and k[-1] == s3.bucket)
+    # the store's key holds the AWS environment as os.environ stores it: encoded
+    store = next(v for k, v in s3_fast._stores.items() if k[0] == os.getpid() and b"reader" in k and k[-1] == s3.bucket)
     assert store.credential_provider()["access_key_id"] == env["AWS_ACCESS_KEY_ID"] + "-p"
 
 

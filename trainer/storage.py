@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import functools
 import hashlib
-import http.client
 import io
 import logging
 import os
@@ -297,7 +296,9 @@ def _transfer_config(download: bool = False) -> TransferConfig:
 # ------------------------------------------------------------------------------------- error mapping
 @functools.cache
 def _stream_errors() -> tuple[type[BaseException], ...]:
-    import urllib3.exceptions  # loaded with boto3: not at import, for commands that never touch S3
+    import http.client  # loaded with boto3 (urllib3), as urllib3 is: 15 ms that local-only commands never pay
+
+    import urllib3.exceptions
 
     return (
         bex.ResponseStreamingError,
@@ -310,6 +311,14 @@ def _stream_errors() -> tuple[type[BaseException], ...]:
         ConnectionError,
         TimeoutError,
     )
+
+
+def _incomplete_read(missing: int) -> Exception:
+    """A body that ended ``missing`` bytes early, as http.client reports it (a transient error: see
+    _stream_errors)."""
+    import http.client
+
+    return http.client.IncompleteRead(b"", missing)
 
 
 def _endpoint() -> str:
@@ -470,7 +479,7 @@ class _S3RangeReader(io.RawIOBase):
                 raise
             if not chunk:
                 self._drop_body()
-                raise http.client.IncompleteRead(b"", want)
+                raise _incomplete_read(want)
             return _copy_into(buffer, chunk)
 
         got = _retry_stream(self._uri, attempt)
@@ -630,7 +639,7 @@ def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str
         finally:
             body.close()
         if received < total:
-            raise http.client.IncompleteRead(b"", total - received)
+            raise _incomplete_read(total - received)
 
     _retry_stream(uri, attempt)
     return b"".join(parts), etag or "", size

@@ -9,6 +9,7 @@ same input gives byte-identical files. One bad file never stops the others: ever
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -27,7 +28,6 @@ from typing import Any, Literal
 
 from trainer import storage
 from trainer.annotations.coco import AnnotationRow, ImageEntry, write_coco
-from trainer.annotations.image_size import header_size
 from trainer.annotations.voc import (
     PlainObjects,
     VocError,
@@ -410,7 +410,12 @@ def _fraction_texts(digits: int) -> list[str]:
 
 
 _FIXED_SCALES = (10, 100)
-_FRACTION_TEXTS = {10: (_fraction_texts(1), _fraction_texts(2)), 100: (_fraction_texts(2), _fraction_texts(4))}
+@functools.cache
+def _fraction_tables(scale: int) -> tuple[list[str], list[str]]:
+    """The fraction texts of coordinates (x scale) and of areas (x scale**2); built on first use (the 10,000 texts
+    of two-decimal areas take 2 ms, which a conversion of integer coordinates need not spend)."""
+    digits = len(str(scale)) - 1
+    return _fraction_texts(digits), _fraction_texts(2 * digits)
 
 
 def _scaled(values: list[float], scale: int) -> list[int] | None:
@@ -438,7 +443,7 @@ def _fixed_point_texts(x0: list[float], y0: list[float], x1: list[float], y1: li
 def _fixed_texts(scale: int, sx0: list[int], sy0: list[int], sw: list[int], sh: list[int], area: list[int],
                  crowd: Iterable[int], difficult: list[int], truncated: list[int]) -> list[str]:
     """Box texts from x0, y0, width, height (x scale) and area (x scale**2), all integers."""
-    fractions, area_fractions = _FRACTION_TEXTS[scale]
+    fractions, area_fractions = _fraction_tables(scale)
     parts = [*_decimal_parts(sx0, scale, fractions), *_decimal_parts(sy0, scale, fractions),
              *_decimal_parts(sw, scale, fractions), *_decimal_parts(sh, scale, fractions),
              *_decimal_parts(area, scale * scale, area_fractions)]
@@ -883,6 +888,10 @@ def _split_members(tree: _VocTree, entries: dict[str, ImageEntry], kept: dict[st
 def _fill_sizes(need: list[tuple[Parsed, str]], images: dict[str, str], problems: _Problems,
                 rules: BoxRules) -> None:
     """Width and height from the image header for annotations whose <size> is missing or zero."""
+    if not need:
+        return
+    from trainer.annotations.image_size import header_size  # Pillow: 8 ms of imports most conversions never need
+
     def probe(item: tuple[Parsed, str]) -> tuple[int, int] | None:
         try:
             with storage.open_read(images[item[1]], buffer_size=64 * 1024) as stream:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,7 @@ def image_env(home: Path, venv: Path) -> dict[str, str]:
                 key, _, value = item.partition("=")
                 env[key] = value.replace("/home/trainer", str(home)).replace("/tmp", str(home / "tmp"))
     (home / "tmp").mkdir(exist_ok=True)
+    (home / "tmp").chmod(0o1777)  # writable by the container user, as the chart's /tmp is: else tempfile uses /tmp
     return env
 
 
@@ -178,6 +180,7 @@ def train_one_step_as_the_container_user(root: Path, venv: Path) -> None:
     home = root / "home"
     home.mkdir()
     user = as_container_user(home, venv, root)
+    started = time.time() - 2  # some file systems keep whole seconds
     env = image_env(home, venv)
     for command in (["trainer", "--help"], ["trainer-launch", "--help"]):
         result = subprocess.run([*user, *command], capture_output=True, text=True, env=env, cwd=home, timeout=120)
@@ -198,8 +201,18 @@ def train_one_step_as_the_container_user(root: Path, venv: Path) -> None:
     assert result.returncode == 0, output[-4000:]
     assert re.search(r"epoch 1/1 step 1/1 loss \d", output), output[-4000:]
     assert (home / "runs" / "one-step" / "model_final.pt").stat().st_size > 1_000_000
-    # nothing was written into the installed environment (the image's root filesystem is read-only)
+    # nothing was written into the installed environment (the image's root filesystem is read-only), nor into this
+    # machine's temporary folder (torchrun's and torch's scratch folders go to the image's TMPDIR)
     assert not [p for p in venv.rglob("*") if p.stat().st_uid == CONTAINER_UID]
+    assert not [p for p in SYSTEM_TEMP.iterdir() if _made_by_the_container_user(p, started)]
+
+
+def _made_by_the_container_user(path: Path, since: float) -> bool:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:  # another test's file, removed meanwhile
+        return False
+    return info.st_uid == CONTAINER_UID and info.st_mtime >= since
 
 
 @pytest.mark.slow

@@ -410,6 +410,8 @@ def _fraction_texts(digits: int) -> list[str]:
 
 
 _FIXED_SCALES = (10, 100)
+
+
 @functools.cache
 def _fraction_tables(scale: int) -> tuple[list[str], list[str]]:
     """The fraction texts of coordinates (x scale) and of areas (x scale**2); built on first use (the 10,000 texts

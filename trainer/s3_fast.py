@@ -154,7 +154,7 @@ def spells_exactly(key: str) -> bool:
     GET of ``e/`` returns the object ``e``) and refuses empty, ``.`` and ``..`` segments and control characters
     (those raise, and :func:`call` makes them :class:`Unrepresentable`); any other character is sent as it is."""
     return not (key.startswith("/") or key.endswith("/") or "//" in key
-                or (("." in key) and any(part in (".", "..") for part in key.split("/"))))
+                or ("." in key and ("/./" in (wrapped := f"/{key}/") or "/../" in wrapped)))
 
 
 def _in_loader_worker() -> bool:
@@ -287,8 +287,8 @@ def call(fn: Any, endpoint: str, operation: str) -> Any:
     if _runtime_pid is None:  # the first request starts the runtime (creating a store does not)
         os.environ.setdefault("TOKIO_WORKER_THREADS", str(RUNTIME_THREADS))
         _runtime_pid = os.getpid()
-    attempts = max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "8")))
-    for n in range(attempts):
+    n = 0
+    while True:
         try:
             result = fn()
         except ValueError as exc:  # obstore cannot spell the key or prefix ("a//b", "a/./b", a tab): nothing was sent
@@ -298,15 +298,16 @@ def call(fn: Any, endpoint: str, operation: str) -> Any:
             if obstore is None or not isinstance(exc, obstore.exceptions.BaseError | OSError):
                 raise
             mapped = translate(exc, endpoint, operation)
-            if not _transient(mapped) or n == attempts - 1:
+            # the attempts are read after a failure, not before every request (a read of os.environ each time)
+            if not _transient(mapped) or n >= max(1, int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))) - 1:
                 raise mapped from exc
             delay = min(20.0, random.random() * 2**n)
             log.debug("%s: %s, retrying in %.2fs", operation, type(mapped).__name__, delay)
             time.sleep(delay)
+            n += 1
         else:
             requests += 1
             return result
-    raise AssertionError("unreachable")
 
 
 class Body:

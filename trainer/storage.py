@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -109,6 +110,9 @@ class S3Location:
         return f"s3://{self.bucket}/{self.key}"
 
 
+_WHITESPACE = re.compile(r"\s")  # what str.isspace() calls a space, every code point of it
+
+
 def is_s3(uri: str | os.PathLike[str]) -> bool:
     return str(uri)[:5].lower() == "s3://"
 
@@ -118,7 +122,7 @@ def parse(uri: str | os.PathLike[str]) -> S3Location | Path:
     text = os.fspath(uri)
     if is_s3(text):
         bucket, _, key = text[5:].partition("/")
-        if not bucket or any(c.isspace() for c in bucket) or bucket in (".", ".."):
+        if not bucket or _WHITESPACE.search(bucket) or bucket in (".", ".."):
             raise StorageError(text, "not a valid S3 URI (expected s3://bucket/key)")
         return S3Location(bucket, key)
     if text.startswith("file://"):
@@ -633,7 +637,7 @@ def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str
         try:
             if max_bytes is not None and total > max_bytes:
                 raise TooLarge(uri, size, max_bytes)
-            while chunk := body.read(1 << 20):
+            while received < total and (chunk := body.read(1 << 20)):  # no read after the last byte
                 parts.append(chunk)
                 received += len(chunk)
         finally:

@@ -19,7 +19,8 @@ def test_parse_s3_and_local() -> None:
     assert str(storage.S3Location("b", "k/x")) == "s3://b/k/x"
 
 
-@pytest.mark.parametrize("bad", ["", "s3://", "s3:///k", "s3:// b/k", "gs://b/k", "https://h/x"])
+@pytest.mark.parametrize("bad", ["", "s3://", "s3:///k", "s3:// b/k", "gs://b/k", "https://h/x", "s3://b\tx/k",
+                                 "s3://b\u2003x/k", "s3://b\xa0/k", "s3://b\u2028/k", "s3://../k", "s3://./k"])
 def test_parse_rejects_what_it_cannot_serve(bad: str) -> None:
     with pytest.raises(storage.StorageError) as info:
         storage.parse(bad)
@@ -59,3 +60,16 @@ def test_log_lines_carry_the_rank_only_in_multi_process_runs(monkeypatch: pytest
 def test_unknown_log_level_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         setup_logging("loud")
+
+
+def test_the_fast_client_is_given_only_keys_it_spells_exactly() -> None:
+    """A key with a leading or trailing slash, an empty segment or a "." / ".." segment goes to boto3 (object_store
+    would read another object or refuse it): every key of one to six characters over "a", ".", "/"."""
+    from itertools import product
+
+    from trainer import s3_fast
+
+    for n in range(1, 7):
+        for key in map("".join, product("a./", repeat=n)):
+            exact = not any(segment in ("", ".", "..") for segment in key.split("/"))
+            assert s3_fast.spells_exactly(key) == exact, key

@@ -637,7 +637,7 @@ def _read_span(loc: S3Location, uri: str, start: int, end: int | None, etag: str
         try:
             if max_bytes is not None and total > max_bytes:
                 raise TooLarge(uri, size, max_bytes)
-            while chunk := body.read(1 << 20):  # to the end: boto3's reading the end returns its connection to the pool
+            while chunk := body.read(1 << 20):  # to the end, where botocore also checks the length it was given
                 parts.append(chunk)
                 received += len(chunk)
         finally:

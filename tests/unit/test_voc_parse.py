@@ -8,7 +8,7 @@ import random
 import pytest
 
 from tests.support.voc import voc_xml
-from trainer.annotations.voc import VocError, VocRecord, parse_plain, parse_voc, parse_voc_tree
+from trainer.annotations.voc import VocError, VocRecord, parse_plain, parse_plain_columns, parse_voc, parse_voc_tree
 
 GOOD = voc_xml("a.jpg", [("RBC", 1, 2, 30, 40)])
 
@@ -149,6 +149,18 @@ def test_flags_accept_common_spellings_and_report_others() -> None:
 def test_five_thousand_objects_in_one_file() -> None:
     objects = [("RBC", i % 600, i % 400, i % 600 + 5, i % 400 + 5) for i in range(5000)]
     assert len(parse_voc(voc_xml("big.jpg", objects).encode()).objects) == 5000
+
+
+@pytest.mark.parametrize("count", [4096, 4097])
+def test_coordinates_are_read_from_their_text_only_in_files_of_ordinary_size(count: int) -> None:
+    """Reading coordinates as integers from their text holds about 100 bytes a coordinate for a moment: a file
+    with more objects than labelling tools write (a hostile one can hold 600,000 within the size limit) reads them
+    with float(), in a third of the memory. Both ways give the parser's objects."""
+    objects = [("RBC", f"{i % 600}.5", f"{i % 400}.5", f"{i % 600 + 5}.5", f"{i % 400 + 5}.5") for i in range(count)]
+    data = voc_xml("big.jpg", objects).encode()
+    plain = parse_plain_columns(data)
+    assert plain is not None and plain[3].scale == (0 if count > 4096 else 10)
+    assert plain[3].objects() == parse_voc_tree(data).objects
 
 
 # ------------------------------------------------------------------ encodings as the XML spec detects them (issue 14)
